@@ -1,0 +1,117 @@
+"""Configuration: one frozen dataclass per concern, validated at construction.
+
+Each component receives only its own sub-config (DESIGN.md principle 4). Validation raises
+``ValueError`` with a message that tells the user what to change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory_size(value: int | float | str) -> int:
+    """Parse ``"2GiB"``, ``"512MiB"``, ``"1.5G"`` or a plain number of bytes into bytes.
+
+    A bare number below 1024 is read as GiB (``4`` means 4 GiB), because nobody sizes a KV
+    cache in single bytes and ``--kv-cache-memory 4`` should do the obvious thing.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"memory size must be a number or a string like '2GiB', got {value!r}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"memory size must be positive, got {value!r}")
+        return int(value * (1 << 30)) if value < 1024 else int(value)
+    match = _MEMORY_RE.match(value)
+    if not match:
+        raise ValueError(f"cannot parse memory size {value!r}; use bytes or a unit, e.g. '2GiB' or '512MiB'")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if not unit:
+        return parse_memory_size(number)
+    size = int(number * _UNIT_BYTES[unit[0]])
+    if size <= 0:
+        raise ValueError(f"memory size must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and how.
+
+    ``model`` is a local Hugging Face directory. ``dtype="auto"`` picks float32 on a CPU (bf16
+    matmuls are slow without AVX-512 BF16) and the checkpoint's dtype on CUDA.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model path must not be empty")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry and policy.
+
+    The pool size comes from ``kv_cache_memory`` (bytes) unless ``num_blocks`` is set
+    explicitly (tests use a tiny pool to force preemption).
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits for one engine step.
+
+    ``max_num_batched_tokens`` is the per-step token budget shared by decodes and prefill
+    chunks; with ``enable_chunked_prefill`` a prompt longer than the budget is split across
+    steps instead of stalling the running decodes.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs at least one token per step"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}) so that any prompt fits in one step; "
+                "raise the budget or enable chunked prefill"
+            )

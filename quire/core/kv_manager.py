@@ -1,0 +1,154 @@
+"""Per-request block tables on top of the block pool, with automatic prefix caching.
+
+A full block's identity is a chained hash: sha256(parent hash, the block's token ids, salt).
+Two requests share a cached block only if every token before and inside it is identical, so a
+hit is never a near miss. SHA-256 (not Python's ``hash``) keeps a crafted prompt from colliding
+with another tenant's prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from quire.core.block_pool import BlockPool, KVBlock
+from quire.core.request import Request
+
+_ROOT_HASH = b"quire-prefix-root"
+
+
+def hash_block(parent_hash: bytes, token_ids: list[int], salt: bytes = b"") -> bytes:
+    payload = struct.pack(f"<{len(token_ids)}q", *token_ids)
+    return hashlib.sha256(parent_hash + salt + payload).digest()
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counted in tokens, like the Prometheus metrics built from them."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class KVCacheManager:
+    """Allocates, shares and frees the blocks of each request."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.stats = PrefixCacheStats()
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # hashes of the request's full computed blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request_id, ())]
+
+    def num_blocks_of(self, request_id: str) -> int:
+        return len(self._blocks.get(request_id, ()))
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """The longest run of cached blocks matching the request's leading tokens.
+
+        At least one token is always left to compute, because its logits are what we sample from.
+        """
+        if not self.enable_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        parent = _ROOT_HASH
+        tokens = request.all_token_ids
+        for i in range(max_blocks):
+            parent = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt)
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached_prefix: list[KVBlock] | None = None
+    ) -> list[int] | None:
+        """Make room for ``num_new_tokens`` more tokens after the request's computed ones.
+
+        ``cached_prefix`` (first schedule only) are prefix hits to adopt before the new tokens.
+        Returns the ids of blocks appended to the request's table, or None (and changes nothing)
+        if the pool cannot supply them.
+        """
+        cached_prefix = cached_prefix or []
+        owned = self._blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(cached_prefix) * self.block_size
+        needed = self.blocks_needed(num_computed + num_new_tokens) - len(owned) - len(cached_prefix)
+        needed = max(needed, 0)
+        if needed + self.pool.num_evictable_hits(cached_prefix) > self.pool.num_free_blocks:
+            if not owned:
+                del self._blocks[request.request_id]
+            return None
+        self.pool.acquire(cached_prefix)
+        if cached_prefix:
+            # Adopted blocks are already hashed: remember their hashes so caching resumes after them.
+            self._hashes[request.request_id] = [b.block_hash for b in cached_prefix]  # type: ignore[misc]
+        new_blocks = self.pool.allocate(needed)
+        owned.extend(cached_prefix)
+        owned.extend(new_blocks)
+        return [b.block_id for b in cached_prefix] + [b.block_id for b in new_blocks]
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Publish the request's newly completed blocks (called after its computed count grows)."""
+        if not self.enable_caching:
+            return
+        blocks = self._blocks.get(request.request_id)
+        if not blocks:
+            return
+        hashes = self._hashes.setdefault(request.request_id, [])
+        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        tokens = request.all_token_ids
+        for i in range(len(hashes), num_full):
+            parent = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt)
+            hashes.append(parent)
+            self.pool.register(blocks[i], parent)
+
+    def fork(self, parent: Request, child: Request) -> int:
+        """Let ``child`` share the parent's computed prompt blocks (for ``n > 1``).
+
+        Only blocks strictly before the prompt's last token are shared, so the child recomputes
+        at least that token into a block of its own and never writes into a shared block.
+        Returns the number of tokens the child starts with already computed.
+        """
+        num_shared = (min(parent.num_computed_tokens, child.num_prompt_tokens) - 1) // self.block_size
+        shared = self._blocks.get(parent.request_id, [])[: max(num_shared, 0)]
+        self.pool.acquire(shared)
+        self._blocks[child.request_id] = list(shared)
+        if parent.request_id in self._hashes:
+            self._hashes[child.request_id] = self._hashes[parent.request_id][: len(shared)]
+        return len(shared) * self.block_size
+
+    def free(self, request: Request) -> None:
+        """Return the request's blocks to the pool; tail blocks (least likely to be shared) are
+        queued for eviction first."""
+        blocks = self._blocks.pop(request.request_id, None)
+        self._hashes.pop(request.request_id, None)
+        if blocks:
+            self.pool.release(reversed(blocks))
+
+    def num_live_requests(self) -> int:
+        return len(self._blocks)

@@ -1,0 +1,83 @@
+"""The data that crosses the scheduler -> runner -> engine boundaries. Plain, torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quire.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the runner has not seen (or must rebuild after preemption)."""
+
+    request_id: str
+    token_ids: list[int]  # prompt plus any tokens generated before a preemption
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    """A request the runner already tracks: only what changed."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's plan. ``num_scheduled_tokens`` lists requests in batch order."""
+
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the runner must forget: finished, aborted or preempted since the last step.
+    finished_request_ids: frozenset[str]
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """What the model runner sampled: one entry per request that reached the end of its tokens."""
+
+    request_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[Any]  # quire.worker.sampler.TokenLogprobs or None, per entry
+
+
+@dataclass
+class EngineCoreOutput:
+    """New tokens for one sequence of a request, and whether it finished."""
+
+    request_id: str  # the client's id
+    index: int  # which of the n parallel samples
+    new_token_ids: list[int]
+    new_logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A snapshot after one engine step; the server turns these into Prometheus metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_scheduled_tokens: int
+    num_prompt_tokens: int  # prompt tokens computed this step (cache hits excluded)
+    num_generation_tokens: int
+    num_preemptions: int
+    prefix_cache_queries: int  # cumulative, tokens
+    prefix_cache_hits: int  # cumulative, tokens

@@ -1,0 +1,345 @@
+"""Block pool, KV manager and scheduler, with no model: unit tests and hypothesis state machines."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core_fakes import CheckingExecutor
+from quire.config import SchedulerConfig
+from quire.core.block_pool import BlockPool
+from quire.core.engine_core import EngineCore
+from quire.core.kv_manager import KVCacheManager
+from quire.core.request import EngineCoreRequest, Request
+from quire.core.scheduler import RequestRejected
+from quire.sampling import SamplingParams
+
+BLOCK = 4
+
+
+def make_core(num_blocks=64, max_num_seqs=8, budget=32, max_len=128, chunked=True, caching=True, seed=0):
+    kv = KVCacheManager(num_blocks, BLOCK, enable_caching=caching)
+    executor = CheckingExecutor(num_blocks, BLOCK, seed=seed)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len, enable_chunked_prefill=chunked
+    )
+    return EngineCore(config, kv, executor), kv, executor
+
+
+def core_request(rid, prompt, max_tokens=8, n=1, priority=0, **params):
+    return EngineCoreRequest(
+        request_id=rid,
+        prompt_token_ids=list(prompt),
+        params=SamplingParams(max_tokens=max_tokens, n=n, ignore_eos=True, **params),
+        eos_token_ids=frozenset(),
+        arrival_time=time.monotonic(),
+        priority=priority,
+    )
+
+
+def run_to_completion(core, max_steps=10_000):
+    outputs = []
+    for _ in range(max_steps):
+        if not core.has_unfinished():
+            return outputs
+        step_outputs, _ = core.step()
+        outputs.extend(step_outputs)
+    raise AssertionError("engine did not finish")
+
+
+def assert_all_free(kv: KVCacheManager):
+    kv.pool.check_invariants()
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert kv.num_live_requests() == 0
+
+
+# --------------------------------------------------------------------------- block pool
+
+
+def test_block_pool_lru_and_cache_eviction():
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.register(a, b"ha")
+    pool.register(b, b"hb")
+    pool.release([b, a])  # b first: b is evicted first
+    assert pool.num_free_blocks == 4 and pool.lookup(b"ha") is a
+    taken = pool.allocate(3)  # two never-used blocks, then b (the oldest freed cached block)
+    assert b in taken and a not in taken
+    assert pool.lookup(b"hb") is None and pool.lookup(b"ha") is a
+    pool.acquire([a])  # a prefix hit on a free cached block takes it out of the free queue
+    assert pool.num_free_blocks == 0
+    pool.check_invariants()
+    with pytest.raises(ValueError):
+        pool.allocate(1)
+
+
+def test_block_pool_double_free_is_caught():
+    pool = BlockPool(2)
+    (a,) = pool.allocate(1)
+    pool.release([a])
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.release([a])
+
+
+# ---------------------------------------------------------------------- prefix caching
+
+
+def test_prefix_hit_requires_identical_prefix_and_leaves_a_token():
+    core, kv, _ = make_core()
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks of 4
+    core.add_request(core_request("a", prompt, max_tokens=1))
+    run_to_completion(core)
+    assert kv.stats.hits == 0
+
+    core.add_request(core_request("b", prompt, max_tokens=1))
+    run_to_completion(core)
+    assert kv.stats.hits == 12  # all three full blocks
+
+    changed = prompt.copy()
+    changed[5] = 99  # differs inside the second block: only the first block may be reused
+    core.add_request(core_request("c", changed, max_tokens=1))
+    run_to_completion(core)
+    assert kv.stats.hits == 12 + 4
+
+    exact = list(range(1, 13))  # 12 tokens = 3 full blocks; the last token must be recomputed
+    core.add_request(core_request("d", exact, max_tokens=1))
+    run_to_completion(core)
+    assert kv.stats.hits == 12 + 4 + 8
+    assert_all_free(kv)
+
+
+def test_prefix_cache_off_never_hits():
+    core, kv, _ = make_core(caching=False)
+    for rid in "ab":
+        core.add_request(core_request(rid, range(1, 14), max_tokens=2))
+        run_to_completion(core)
+    assert kv.stats.hits == 0
+    assert_all_free(kv)
+
+
+def test_cache_salt_isolates_prefixes():
+    core, kv, _ = make_core()
+    for rid, salt in (("a", b"tenant-1"), ("b", b"tenant-2")):
+        req = core_request(rid, range(1, 14), max_tokens=1)
+        core.add_request(EngineCoreRequest(**{**req.__dict__, "cache_salt": salt}))
+        run_to_completion(core)
+    assert kv.stats.hits == 0
+
+
+# ------------------------------------------------------------------------- scheduling
+
+
+def test_chunked_prefill_keeps_decodes_running():
+    core, kv, executor = make_core(budget=8, max_len=256, num_blocks=128)
+    core.add_request(core_request("short", [1, 2, 3], max_tokens=40))
+    core.step()  # short prefilled, now decoding
+    core.add_request(core_request("long", range(10, 110), max_tokens=1))  # 100 tokens, budget 8
+    decoded_while_long_prefills = 0
+    for _ in range(12):
+        plan_outputs, stats = core.step()
+        assert stats.num_scheduled_tokens <= 8
+        decoded_while_long_prefills += sum(1 for o in plan_outputs if o.request_id == "short")
+    assert decoded_while_long_prefills == 12  # one token per step, never stalled
+    run_to_completion(core)
+    assert_all_free(kv)
+
+
+def test_without_chunked_prefill_prompt_runs_whole():
+    core, kv, _ = make_core(budget=64, max_len=64, chunked=False)
+    core.add_request(core_request("a", range(1, 41), max_tokens=2))
+    _, stats = core.step()
+    assert stats.num_scheduled_tokens == 40
+    run_to_completion(core)
+    assert_all_free(kv)
+
+
+def test_preemption_instead_of_oom_and_everyone_finishes():
+    # 12 blocks of 4 = 48 slots; four requests that each grow to 20 tokens cannot all fit.
+    core, kv, _ = make_core(num_blocks=12, budget=64, max_len=64)
+    for i in range(4):
+        core.add_request(core_request(f"r{i}", [i + 1] * 8, max_tokens=12))
+    outputs = run_to_completion(core)
+    assert core.scheduler.num_preemptions_total > 0
+    per_request = {}
+    for out in outputs:
+        per_request.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert {k: len(v) for k, v in per_request.items()} == {f"r{i}": 12 for i in range(4)}
+    assert_all_free(kv)
+
+
+def test_preemption_victim_is_lowest_priority_then_newest():
+    core, kv, _ = make_core(num_blocks=10, budget=64, max_len=64)
+    core.add_request(core_request("important", [1] * 8, max_tokens=20, priority=-1))
+    core.add_request(core_request("old", [2] * 8, max_tokens=20, priority=0))
+    core.add_request(core_request("new", [3] * 8, max_tokens=20, priority=0))
+    preempted = []
+    while core.has_unfinished():
+        before = {r.request_id for r in core.scheduler.running}
+        core.step()
+        after = {r.request_id for r in core.scheduler.running}
+        preempted.extend(sorted(before - after - {o for o in before if o not in core.scheduler.requests}))
+    assert preempted and preempted[0] == "new"
+    assert "important" not in preempted
+    assert_all_free(kv)
+
+
+def test_priority_orders_admission_and_fifo_within_priority():
+    core, kv, _ = make_core(max_num_seqs=1, budget=32)
+    core.add_request(core_request("low", [1, 2], max_tokens=1, priority=5))
+    core.add_request(core_request("high-1", [3, 4], max_tokens=1, priority=-5))
+    core.add_request(core_request("high-2", [5, 6], max_tokens=1, priority=-5))
+    order = [o.request_id for o in run_to_completion(core)]
+    assert order == ["high-1", "high-2", "low"]
+    assert_all_free(kv)
+
+
+def test_higher_priority_arrival_preempts_lower_when_full():
+    core, kv, _ = make_core(max_num_seqs=1, budget=32)
+    core.add_request(core_request("background", [1, 2], max_tokens=30, priority=10))
+    core.step()
+    core.add_request(core_request("urgent", [3, 4], max_tokens=2, priority=0))
+    outputs, _ = core.step()
+    assert [o.request_id for o in outputs] == ["urgent"]
+    rest = run_to_completion(core)
+    assert sum(len(o.new_token_ids) for o in outputs + rest if o.request_id == "background") == 29
+    assert_all_free(kv)
+
+
+def test_requests_that_can_never_fit_are_rejected_up_front():
+    core, kv, _ = make_core(num_blocks=8, max_len=64)
+    with pytest.raises(RequestRejected, match="context length"):
+        core.add_request(core_request("a", range(1, 61), max_tokens=10))
+    with pytest.raises(RequestRejected, match="64"):
+        core.add_request(core_request("b", range(1, 65), max_tokens=1))
+    with pytest.raises(RequestRejected, match="pool"):
+        core.add_request(core_request("c", range(1, 30), max_tokens=10))  # 39 tokens > 32 slots
+    assert not core.has_unfinished()
+
+
+def test_abort_frees_blocks_immediately():
+    core, kv, _ = make_core()
+    core.add_request(core_request("a", range(1, 20), max_tokens=50))
+    core.step()
+    assert kv.num_free_blocks < kv.pool.num_blocks
+    core.abort("a")
+    assert_all_free(kv)
+    assert not core.has_unfinished()
+
+
+def test_parallel_samples_share_prompt_blocks():
+    core, kv, executor = make_core(num_blocks=64)
+    prompt = list(range(1, 18))  # 17 tokens: 4 full blocks shared, the last token recomputed
+    core.add_request(core_request("a", prompt, max_tokens=3, n=4))
+    core.step()  # prompt computed by the first sequence; siblings forked
+    shared = kv.block_ids("a")[:4]
+    for child in ("a#1", "a#2", "a#3"):
+        assert core.scheduler.requests[child].num_computed_tokens == 16
+    core.step()
+    for child in ("a#1", "a#2", "a#3"):
+        assert kv.block_ids(child)[:4] == shared
+    outputs = run_to_completion(core)
+    assert {o.index for o in outputs} == {0, 1, 2, 3}
+    assert_all_free(kv)
+
+
+def test_stop_string_finish_and_token_limits():
+    core, kv, _ = make_core()
+    core.add_request(core_request("a", [1, 2, 3], max_tokens=10))
+    core.step()
+    core.finish_stopped("a", 0)
+    assert not core.has_unfinished()
+    assert_all_free(kv)
+
+
+def test_eos_and_stop_token_ids_and_min_tokens():
+    kv = KVCacheManager(32, BLOCK)
+    params = SamplingParams(max_tokens=10, min_tokens=2, stop_token_ids=[7])
+    req = Request(
+        EngineCoreRequest("x", [1, 2], params, frozenset({9}), arrival_time=0.0), index=0, arrival_seq=1, max_model_len=64
+    )
+    assert not req.append_token(9, 64).is_finished  # eos inside min_tokens is ignored
+    assert req.append_token(7, 64).finish_reason == "stop" and req.stop_reason == 7
+    del kv
+
+
+# ----------------------------------------------------------------- property-based tests
+
+operation = st.one_of(
+    st.tuples(
+        st.just("add"),
+        st.lists(st.integers(1, 6), min_size=1, max_size=40),  # small alphabet: many shared prefixes
+        st.integers(1, 20),
+        st.integers(-2, 2),
+        st.integers(1, 3),
+    ),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("abort"), st.integers(0, 50)),
+    st.tuples(st.just("stop"), st.integers(0, 50)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(operation, min_size=1, max_size=60),
+    num_blocks=st.integers(6, 40),
+    budget=st.integers(8, 40),
+    chunked=st.booleans(),
+    caching=st.booleans(),
+)
+def test_random_operations_never_leak_or_corrupt(ops, num_blocks, budget, chunked, caching):
+    max_len = 64 if chunked else min(64, budget)
+    core, kv, executor = make_core(
+        num_blocks=num_blocks, max_num_seqs=6, budget=budget, max_len=max_len, chunked=chunked, caching=caching
+    )
+    added: list[str] = []
+    for op in ops:
+        if op[0] == "add":
+            _, prompt, max_tokens, priority, n = op
+            rid = f"r{len(added)}"
+            try:
+                core.add_request(core_request(rid, prompt, max_tokens=max_tokens, n=n, priority=priority))
+                added.append(rid)
+            except RequestRejected:
+                assert len(prompt) + max_tokens > min(max_len, num_blocks * BLOCK)
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                core.step()
+                kv.pool.check_invariants()
+                assert kv.num_free_blocks >= 0
+                assert len(core.scheduler.running) <= 6
+        elif added:
+            rid = added[op[1] % len(added)]
+            if op[0] == "abort":
+                core.abort(rid)
+            else:
+                core.finish_stopped(rid, 0)
+    outputs = run_to_completion(core)
+    for out in outputs:
+        assert out.request_id in added
+    assert_all_free(kv)
+    core.step()  # an idle step still tells the runner which requests to forget
+    assert not executor.seqs
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), num_requests=st.integers(1, 30))
+def test_thousands_of_steps_all_requests_complete_exactly(seed, num_requests):
+    import random
+
+    rng = random.Random(seed)
+    core, kv, _ = make_core(num_blocks=rng.randint(10, 60), budget=rng.randint(8, 64), seed=seed)
+    expected = {}
+    for i in range(num_requests):
+        prompt = [rng.randint(1, 4) for _ in range(rng.randint(1, 30))]
+        max_tokens = rng.randint(1, 10)
+        core.add_request(core_request(f"r{i}", prompt, max_tokens=max_tokens, n=rng.choice([1, 1, 2])))
+        expected[f"r{i}"] = max_tokens
+    got: dict[tuple[str, int], int] = {}
+    for out in run_to_completion(core):
+        got[(out.request_id, out.index)] = got.get((out.request_id, out.index), 0) + len(out.new_token_ids)
+    for (rid, _index), count in got.items():
+        assert count == expected[rid]
+    assert_all_free(kv)
