@@ -115,3 +115,52 @@ class SchedulerConfig:
                 f">= max_model_len ({self.max_model_len}) so that any prompt fits in one step; "
                 "raise the budget or enable chunked prefill"
             )
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Every user-facing engine knob in one place, as the CLI and ``LLM(...)`` accept them.
+
+    Only the entry points see this; it is split into the per-concern configs above before any
+    component is built. ``model=None`` means the built-in random-weight demo checkpoint.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | float | str = "1GiB"
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    show_progress: bool = True
+
+    def model_config(self, model_path: str) -> ModelConfig:
+        return ModelConfig(
+            model=model_path, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len, seed=self.seed
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=parse_memory_size(self.kv_cache_memory),
+            num_blocks=self.num_kv_blocks,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            # Big enough that a whole prompt usually prefills in one step, small enough that a
+            # step with a prefill chunk does not stall decodes for long.
+            budget = max(2048, self.max_num_seqs) if self.enable_chunked_prefill else max(max_model_len, 2048)
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )

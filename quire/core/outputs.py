@@ -66,6 +66,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | None = None
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None  # set on a sequence's first output only
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class Request:
         "max_tokens",
         "status",
         "stop_reason",
+        "first_scheduled_time",
     )
 
     def __init__(
@@ -89,6 +90,7 @@ class Request:
         self.max_tokens = room if self.params.max_tokens is None else self.params.max_tokens
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
+        self.first_scheduled_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import time
 from collections.abc import Iterable
 
 from quire.config import SchedulerConfig
@@ -196,6 +197,7 @@ class Scheduler:
             request.num_computed_tokens = computed
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = computed
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
             num_tokens[request.request_id] = want
@@ -290,6 +292,7 @@ class Scheduler:
                 new_token_ids=[token_id],
                 new_logprobs=[logprobs] if logprobs is not None else [],
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                first_scheduled_time=request.first_scheduled_time if request.num_output_tokens == 1 else None,
             )
             if status.is_finished:
                 self.finish(request_id, status)
