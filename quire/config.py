@@ -141,7 +141,11 @@ class EngineArgs:
 
     def model_config(self, model_path: str) -> ModelConfig:
         return ModelConfig(
-            model=model_path, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len, seed=self.seed
+            model=model_path,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -75,7 +75,9 @@ class KVCacheManager:
         parent = _ROOT_HASH
         tokens = request.all_token_ids
         for i in range(max_blocks):
-            parent = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt)
+            parent = hash_block(
+                parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt
+            )
             block = self.pool.lookup(parent)
             if block is None:
                 break
@@ -123,7 +125,9 @@ class KVCacheManager:
         parent = hashes[-1] if hashes else _ROOT_HASH
         tokens = request.all_token_ids
         for i in range(len(hashes), num_full):
-            parent = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt)
+            parent = hash_block(
+                parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt
+            )
             hashes.append(parent)
             self.pool.register(blocks[i], parent)
 

@@ -76,7 +76,9 @@ class Request:
         self.index = index
         # Unique inside the core; parallel samples of one request get a suffix.
         self.request_id = core_request.request_id if index == 0 else f"{core_request.request_id}#{index}"
-        self.params = core_request.params if core_request.params.n == 1 else core_request.params.for_child(index)
+        self.params = (
+            core_request.params if core_request.params.n == 1 else core_request.params.for_child(index)
+        )
         self.eos_token_ids = core_request.eos_token_ids
         self.priority = core_request.priority
         self.arrival_time = core_request.arrival_time

@@ -235,7 +235,9 @@ class Scheduler:
         cached_reqs: list[CachedRequestData],
     ) -> None:
         if request.request_id in self._known_to_runner:
-            cached_reqs.append(CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
+            cached_reqs.append(
+                CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens)
+            )
             return
         self._known_to_runner.add(request.request_id)
         # A request preempted and resumed in the same step must not be dropped by the runner.
@@ -275,7 +277,10 @@ class Scheduler:
                 continue  # finished meanwhile (e.g. aborted between schedule and update)
             request.num_computed_tokens += count
             self.kv.cache_full_blocks(request)
-            if request.num_computed_tokens >= request.num_prompt_tokens and request_id in self._pending_children:
+            if (
+                request.num_computed_tokens >= request.num_prompt_tokens
+                and request_id in self._pending_children
+            ):
                 self._start_children(request, share=True)
 
         outputs: list[EngineCoreOutput] = []

@@ -1,0 +1,177 @@
+"""The ``quire`` command line: ``quire generate`` and ``quire serve`` (and, as it lands, ``bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from quire.config import EngineArgs
+
+DEMO_NOTICE = (
+    "note: no model given, so quire is running its built-in demo checkpoint. Its weights are random: "
+    "the text it writes is gibberish by design. Pass a Hugging Face model directory for real output."
+)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", default=None, help="local Hugging Face model directory (default: demo)"
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 2GiB or 512MiB")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--no-chunked-prefill", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model,
+        dtype=ns.dtype,
+        device=ns.device,
+        max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        kv_cache_memory=ns.kv_cache_memory,
+        block_size=ns.block_size,
+        enable_prefix_caching=not ns.no_prefix_caching,
+        enable_chunked_prefill=not ns.no_chunked_prefill,
+        seed=ns.seed,
+    )
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from quire.frontend.llm_engine import LLMEngine
+    from quire.frontend.output_processor import OutputKind
+    from quire.sampling import SamplingParams
+
+    if ns.model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+    params = SamplingParams(
+        max_tokens=ns.max_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        seed=ns.sampling_seed,
+        stop=ns.stop or None,
+        ignore_eos=ns.ignore_eos,
+    )
+    engine = LLMEngine(engine_args_from(ns))
+    prompt: str | dict = ns.prompt
+    if ns.chat:
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
+        prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+    engine.add_request(prompt, params, kind=OutputKind.DELTA)
+    finish_reason = None
+    while engine.has_unfinished_requests():
+        for result in engine.step():
+            completion = result.outputs[0]
+            sys.stdout.write(completion.text)
+            sys.stdout.flush()
+            finish_reason = completion.finish_reason or finish_reason
+    sys.stdout.write("\n")
+    print(f"[finish_reason={finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from quire.server.serve import serve
+    from quire.server.settings import ServerSettings
+
+    if ns.model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+    api_keys = list(ns.api_key or [])
+    settings = ServerSettings(
+        host=ns.host,
+        port=ns.port,
+        served_model_names=tuple(ns.served_model_name or ()),
+        api_keys=tuple(api_keys),
+        api_key_file=ns.api_key_file,
+        requests_per_minute=ns.requests_per_minute,
+        tokens_per_minute=ns.tokens_per_minute,
+        max_waiting=ns.max_waiting,
+        max_body_bytes=ns.max_body_bytes,
+        request_timeout=ns.request_timeout if ns.request_timeout > 0 else None,
+        shutdown_timeout=ns.shutdown_timeout,
+        log_prompts=ns.log_prompts,
+    )
+    # One JSON line per request is part of the service, whatever --log-level says for the rest.
+    logging.getLogger("quire.requests").setLevel(logging.INFO)
+    return serve(engine_args_from(ns), settings, log_level=ns.log_level)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use as 'model' (default: the model path)",
+    )
+    parser.add_argument(
+        "--api-key", action="append", help="accept this Bearer key (repeatable); none = no auth"
+    )
+    parser.add_argument("--api-key-file", default=None, help="JSON file of keys, tenants and rate limits")
+    parser.add_argument(
+        "--requests-per-minute", type=float, default=None, help="default per-tenant request rate"
+    )
+    parser.add_argument("--tokens-per-minute", type=float, default=None, help="default per-tenant token rate")
+    parser.add_argument(
+        "--max-waiting", type=int, default=256, help="sequences queued beyond --max-num-seqs before 503s"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body accepted")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds to let requests finish after SIGTERM"
+    )
+    parser.add_argument(
+        "--log-prompts", action="store_true", help="put prompt and completion text in request logs"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quire", description="quire: an LLM inference server")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and stream the text to stdout")
+    add_engine_arguments(gen)
+    gen.add_argument("--prompt", default="Once upon a time", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(handler=_generate)
+
+    srv = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    add_engine_arguments(srv)
+    add_server_arguments(srv)
+    srv.set_defaults(handler=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.handler(ns)
+    except ValueError as exc:  # user errors: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

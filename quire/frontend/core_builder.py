@@ -1,0 +1,54 @@
+"""Assemble an engine core (model, KV cache, scheduler) from user-facing EngineArgs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quire.config import EngineArgs
+from quire.core.engine_core import EngineCore
+from quire.core.kv_manager import KVCacheManager
+
+
+def resolve_model_path(args: EngineArgs) -> str:
+    """The model directory to load; the built-in demo checkpoint when none is given."""
+    if args.model is not None:
+        return args.model
+    from quire.models.demo import default_demo_checkpoint
+
+    return str(default_demo_checkpoint())
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What clients need to know about the engine behind them."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    dtype: str
+    device: str
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, EngineInfo]:
+    from quire.worker.worker import build_worker  # torch lives below this line
+
+    cache = args.cache_config()
+    worker = build_worker(args.model_config(model_path), cache, show_progress=args.show_progress)
+    kv = KVCacheManager(worker.num_blocks, cache.block_size, cache.enable_prefix_caching)
+    core = EngineCore(args.scheduler_config(worker.max_model_len), kv, worker.runner)
+    info = EngineInfo(
+        model_path=model_path,
+        max_model_len=worker.max_model_len,
+        vocab_size=worker.vocab_size,
+        num_blocks=worker.num_blocks,
+        block_size=cache.block_size,
+        dtype=str(worker.dtype).removeprefix("torch."),
+        device=str(worker.device),
+    )
+    return core, info

@@ -1,0 +1,96 @@
+"""Prompts -> validated engine-core requests. Runs on the client side of the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from quire.core.request import EngineCoreRequest
+from quire.sampling import SamplingParams
+from quire.tokenizer import Tokenizer
+
+PromptType = str | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    prompt: str | None
+    token_ids: list[int]
+
+
+class InputProcessor:
+    """Tokenizes prompts and rejects what the engine could never serve, with the numbers."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, kv_capacity_tokens: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.kv_capacity_tokens = kv_capacity_tokens
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        """A string is tokenized; ``{"prompt_token_ids": [...]}`` is taken as is (validated)."""
+        if isinstance(prompt, str):
+            return ProcessedPrompt(prompt, self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            token_ids = list(prompt["prompt_token_ids"])
+            bad = [
+                t
+                for t in token_ids
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
+            ]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}); found {bad[:5]!r}"
+                )
+            return ProcessedPrompt(prompt.get("prompt"), token_ids)
+        raise ValueError(
+            f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
+        )
+
+    def check_params(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens, but the model's context length is {limit} "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
+                f"{num_prompt_tokens + params.max_tokens} tokens, over the model's context length of {limit}"
+            )
+        total = num_prompt_tokens + (params.max_tokens or limit - num_prompt_tokens)
+        if total > self.kv_capacity_tokens:
+            raise ValueError(
+                f"the request needs {total} tokens of KV cache, but the whole pool holds {self.kv_capacity_tokens}"
+            )
+        for token_id in params.logit_bias or {}:
+            if token_id >= self.vocab_size:
+                raise ValueError(
+                    f"logit_bias names token {token_id}, outside the vocabulary of {self.vocab_size}"
+                )
+        for token_id in params.stop_token_ids or []:
+            if token_id >= self.vocab_size:
+                raise ValueError(
+                    f"stop_token_ids names token {token_id}, outside the vocabulary of {self.vocab_size}"
+                )
+
+    def make_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
+    ) -> tuple[ProcessedPrompt, EngineCoreRequest]:
+        processed = self.process_prompt(prompt)
+        self.check_params(len(processed.token_ids), params)
+        request = EngineCoreRequest(
+            request_id=request_id,
+            prompt_token_ids=processed.token_ids,
+            params=params,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            arrival_time=time.monotonic(),
+            priority=priority,
+        )
+        return processed, request

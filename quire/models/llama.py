@@ -1,0 +1,338 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat token batch and a paged KV cache.
+
+The variants differ only in flags resolved by ``ModelArchConfig`` (projection biases, Qwen3's
+per-head q/k RMSNorm, RoPE scaling, tied embeddings), so there is one code path. Tokens of all
+sequences in a step are concatenated (no batch dimension); the attention backend is the only part
+that knows which token belongs to which sequence.
+
+q/k/v and gate/up projections are fused into one matmul each (fewer, larger GEMMs are markedly
+faster on CPU); ``checkpoint_layout`` tells the loader where each Hugging Face tensor lands.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quire.models.hf_config import ModelArchConfig, RopeScaling
+from quire.models.loader import WeightSlot
+from quire.models.registry import register_model
+from quire.worker.attention import AttentionBackend, get_attention_backend
+from quire.worker.attention_metadata import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+# Tensors some checkpoints carry that hold nothing the model needs (RoPE frequencies are recomputed).
+_IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # Uninitialised on purpose: every parameter is overwritten by the loader, and random init of a
+    # multi-GB model would cost seconds for nothing.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` with a checkpoint shard map: ``shards`` names the Hugging Face
+    projections fused into this one, in row order, with their row counts."""
+
+    def __init__(
+        self,
+        in_features: int,
+        shards: dict[str, int],
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.shards = shards
+        out_features = sum(shards.values())
+        self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class VocabMatrix(nn.Module):
+    """A ``[vocab, hidden]`` matrix: the token embedding, or an untied output projection."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = _empty(vocab_size, hidden_size, dtype=dtype, device=device)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, optionally fused with the residual add that precedes it."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _empty(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast back before scaling, as the reference implementation does, so bf16 rounds alike.
+        return self.weight * xf.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x + residual)`` and the new residual ``x + residual``."""
+        residual = x + residual
+        return self.forward(residual), residual
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Per-pair rotation frequencies in fp32, bit-for-bit as transformers computes them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    assert scaling.rope_type == "llama3", scaling.rope_type  # hf_config rejects anything else
+    return _llama3_scale(inv_freq, scaling)
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths are slowed by ``factor``, short ones kept, and the band
+    in between interpolated smoothly in ``original_len / wavelength``."""
+    assert s.low_freq_factor is not None and s.high_freq_factor is not None
+    assert s.original_max_position_embeddings is not None
+    original_len = s.original_max_position_embeddings
+    low_freq_wavelen = original_len / s.low_freq_factor
+    high_freq_wavelen = original_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (original_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    in_band = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables ``[max_positions, head_dim / 2]`` indexed by token position."""
+
+    def __init__(self, config: ModelArchConfig, max_positions: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        # fp32 position * inv_freq, then cast: the same rounding as the reference per position.
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_cache", freqs.cos().to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin().to(device=device, dtype=dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [T, 1, D/2]: broadcast over heads.
+        return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, D]`` in the "rotate half" layout (pairs are ``i`` and ``i + D/2``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.backend = backend
+        q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(
+            config.hidden_size,
+            {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows},
+            config.qkv_bias,
+            dtype,
+            device,
+        )
+        self.o_proj = Linear(q_rows, {"o_proj": config.hidden_size}, config.o_proj_bias, dtype, device)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_rows, kv_rows, kv_rows], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, q_rows))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.intermediate_size = inter
+        self.gate_up_proj = Linear(
+            config.hidden_size, {"gate_proj": inter, "up_proj": inter}, config.mlp_bias, dtype, device
+        )
+        self.down_proj = Linear(inter, {"down_proj": config.hidden_size}, config.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, backend, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is deferred into the next norm: returns (mlp output, residual stream).
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, layers and final norm; named like the checkpoint's ``model.`` prefix."""
+
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabMatrix(config.vocab_size, config.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, dtype, device) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+
+@register_model("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over a flat batch of tokens. Build it with ``quire.models.loader.load_model``.
+
+    Parameters are left uninitialised here; the loader fills every one from the checkpoint.
+    ``max_positions`` bounds the RoPE table (default: the config's ``max_position_embeddings``);
+    positions at or past it are out of range.
+    """
+
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attention_backend: AttentionBackend | None = None,
+        max_positions: int | None = None,
+    ) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.config = config
+        self.dtype = dtype
+        backend = attention_backend or get_attention_backend(device)
+        self.model = DecoderStack(config, backend, dtype, device)
+        self.rotary = RotaryEmbedding(config, max_positions or config.max_position_embeddings, dtype, device)
+        self.lm_head: VocabMatrix | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = VocabMatrix(config.vocab_size, config.hidden_size, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64, absolute position of each token in its sequence
+        kv_caches: list[KVCache],  # per layer (k_cache, v_cache)
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``[T, hidden]`` for every input token."""
+        if len(kv_caches) != len(self.model.layers):
+            raise ValueError(f"need one KV cache per layer ({len(self.model.layers)}), got {len(kv_caches)}")
+        x = F.embedding(input_ids, self.model.embed_tokens.weight)
+        cos, sin = self.rotary(positions)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x, residual = layer(x, residual, cos, sin, kv_cache, attn_metadata)
+        assert residual is not None  # the config parser requires at least one layer
+        x, _ = self.model.norm.add_forward(x, residual)
+        return x
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[S, hidden] -> [S, vocab]`` float32 logits (call it on the rows you sample from)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden_states, weight).float()
+
+    def checkpoint_layout(self) -> dict[str, WeightSlot]:
+        """Hugging Face tensor name -> where it lands in this model's parameters."""
+        layout: dict[str, WeightSlot] = {}
+        for module_name, module in self.named_modules():
+            if isinstance(module, Linear):
+                layout.update(_linear_layout(module_name, module))
+        covered = {slot.param for slot in layout.values()}
+        for name, param in self.named_parameters():
+            if name not in covered:
+                layout[name] = WeightSlot(name, 0, tuple(param.shape))
+        return layout
+
+    def ignored_checkpoint_weights(self, name: str) -> bool:
+        """Whether a checkpoint tensor is known to be redundant for this model."""
+        if name.endswith(_IGNORED_WEIGHT_SUFFIXES):
+            return True
+        # Tied checkpoints sometimes store the duplicate anyway; the embedding is what counts.
+        return self.lm_head is None and name == "lm_head.weight"
+
+
+def _linear_layout(module_name: str, module: Linear) -> dict[str, WeightSlot]:
+    """One entry per fused shard: ``model.layers.0.self_attn.k_proj.weight`` -> rows of qkv_proj."""
+    parent = module_name.rpartition(".")[0]
+    layout: dict[str, WeightSlot] = {}
+    start = 0
+    for shard, rows in module.shards.items():
+        prefix = f"{parent}.{shard}"
+        layout[f"{prefix}.weight"] = WeightSlot(
+            f"{module_name}.weight", start, (rows, module.weight.shape[1])
+        )
+        if module.bias is not None:
+            layout[f"{prefix}.bias"] = WeightSlot(f"{module_name}.bias", start, (rows,))
+        start += rows
+    return layout

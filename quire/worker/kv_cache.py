@@ -1,0 +1,62 @@
+"""Allocation and sizing of the paged KV cache tensors the attention backends read and write."""
+
+from __future__ import annotations
+
+import torch
+
+from quire.models.hf_config import ModelArchConfig
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes_per_block(arch_config: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block costs across all layers, K and V together."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    per_layer = block_size * arch_config.num_key_value_heads * arch_config.head_dim * _element_size(dtype)
+    return 2 * arch_config.num_hidden_layers * per_layer
+
+
+def num_blocks_for_memory(
+    arch_config: ModelArchConfig, block_size: int, dtype: torch.dtype, memory_bytes: int
+) -> int:
+    """How many blocks fit in ``memory_bytes``; raises if not even one does."""
+    per_block = kv_cache_bytes_per_block(arch_config, block_size, dtype)
+    num_blocks = memory_bytes // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv cache memory of {memory_bytes} bytes holds no block of {block_size} tokens "
+            f"({per_block} bytes each for this model); raise kv_cache_memory or lower block_size"
+        )
+    return num_blocks
+
+
+def allocate_kv_caches(
+    arch_config: ModelArchConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer a ``(k_cache, v_cache)`` pair, each ``[num_blocks, block_size, kv_heads, head_dim]``.
+
+    One zeroed allocation backs every layer. Zeroing matters: attention masks padding slots by
+    score, and uninitialised memory can hold NaN/inf, which would leak through ``0 * NaN``.
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    shape = (
+        arch_config.num_hidden_layers,
+        2,
+        num_blocks,
+        block_size,
+        arch_config.num_key_value_heads,
+        arch_config.head_dim,
+    )
+    storage = torch.zeros(shape, dtype=dtype, device=device)
+    # storage[layer, 0] is contiguous (leading-dimension slice), as the backends require.
+    return [(storage[layer, 0], storage[layer, 1]) for layer in range(arch_config.num_hidden_layers)]

@@ -1,0 +1,193 @@
+"""SchedulerOutput -> flat batch tensors -> one forward -> sample -> RunnerOutput.
+
+The runner keeps a small state per live request (its tokens, block table, sampling state) so
+that each step only ships what changed. Every scheduled token of every request goes through a
+single forward pass: single-token queries (decodes) first, then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quire.core.outputs import RunnerOutput, SchedulerOutput
+from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
+from quire.worker.sampler import Sampler, SamplingState, make_generator
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed: int
+    sampling: SamplingState
+
+
+@dataclass(frozen=True)
+class _Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor  # flat token index of each row to sample from
+    sample_ids: list[str]
+
+
+class ModelRunner:
+    """Executes scheduled steps on one device. ``model`` follows quire.models.llama's interface."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler(vocab_size, device)
+        self._states: dict[str, _RequestState] = {}
+
+    @property
+    def num_tracked_requests(self) -> int:
+        return len(self._states)
+
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        self._apply_plan(plan)
+        if plan.is_empty:
+            return RunnerOutput([], [], [])
+        batch = self._build_batch(plan)
+        with torch.inference_mode():
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
+            logits = (
+                self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+                if batch.sample_ids
+                else None
+            )
+            states = [self._states[rid].sampling for rid in batch.sample_ids]
+            sampled = self.sampler(logits, states) if logits is not None else None
+
+        for request_id, count in plan.num_scheduled_tokens.items():
+            self._states[request_id].num_computed += count
+        if sampled is None:
+            return RunnerOutput([], [], [])
+        for request_id, token_id in zip(batch.sample_ids, sampled.token_ids, strict=True):
+            state = self._states[request_id]
+            state.token_ids.append(token_id)
+            state.sampling.output_token_ids.append(token_id)
+        return RunnerOutput(list(batch.sample_ids), list(sampled.token_ids), list(sampled.logprobs))
+
+    def _apply_plan(self, plan: SchedulerOutput) -> None:
+        for request_id in plan.finished_request_ids:
+            self._states.pop(request_id, None)
+        for new in plan.new_requests:
+            params = new.params
+            self._states[new.request_id] = _RequestState(
+                token_ids=list(new.token_ids),
+                block_ids=list(new.block_ids),
+                num_computed=new.num_computed_tokens,
+                sampling=SamplingState(
+                    params=params,
+                    prompt_token_ids=list(new.token_ids[: new.num_prompt_tokens]),
+                    output_token_ids=list(new.token_ids[new.num_prompt_tokens :]),
+                    eos_token_ids=new.eos_token_ids,
+                    generator=None if params.seed is None else make_generator(params.seed, self.device),
+                ),
+            )
+        for cached in plan.cached_requests:
+            state = self._states[cached.request_id]
+            if state.num_computed != cached.num_computed_tokens:
+                raise RuntimeError(
+                    f"runner and scheduler disagree on {cached.request_id}: "
+                    f"{state.num_computed} vs {cached.num_computed_tokens} computed tokens"
+                )
+            state.block_ids.extend(cached.new_block_ids)
+
+    def _build_batch(self, plan: SchedulerOutput) -> _Batch:
+        decodes = [rid for rid, n in plan.num_scheduled_tokens.items() if n == 1]
+        prefills = [rid for rid, n in plan.num_scheduled_tokens.items() if n > 1]
+        order = decodes + prefills
+        total = plan.total_num_scheduled_tokens
+        block_size = self.block_size
+
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        max_blocks = max((len(self._states[rid].block_ids) for rid in decodes), default=0)
+        decode_tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+        decode_lens = np.empty(len(decodes), dtype=np.int64)
+        tables: list[list[int]] = []
+        chunks: list[tuple[int, int, int]] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+
+        offset = 0
+        for i, request_id in enumerate(order):
+            state = self._states[request_id]
+            count = plan.num_scheduled_tokens[request_id]
+            start = state.num_computed
+            end = start + count
+            input_ids[offset : offset + count] = state.token_ids[start:end]
+            positions[offset : offset + count] = np.arange(start, end)
+            tables.append(state.block_ids)
+            if i < len(decodes):
+                decode_tables[i, : len(state.block_ids)] = state.block_ids
+                decode_lens[i] = end
+            else:
+                chunks.append((offset, count, start))
+            if end == len(state.token_ids):  # every known token computed: the next one is sampled
+                sample_rows.append(offset + count - 1)
+                sample_ids.append(request_id)
+            offset += count
+
+        slot_mapping = _slot_mapping(tables, order, plan, self._states, block_size, total)
+        device = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slot_mapping).to(device),
+            num_decodes=len(decodes),
+            decode_block_tables=torch.from_numpy(decode_tables).to(device),
+            decode_seq_lens=torch.from_numpy(decode_lens).to(device),
+            prefills=tuple(
+                PrefillChunk(
+                    query_start=q_start,
+                    query_len=q_len,
+                    num_computed=computed,
+                    block_ids=torch.tensor(
+                        tables[len(decodes) + j][: -(-(computed + q_len) // block_size)], dtype=torch.int64
+                    ).to(device),
+                )
+                for j, (q_start, q_len, computed) in enumerate(chunks)
+            ),
+            block_size=block_size,
+        )
+        return _Batch(
+            input_ids=torch.from_numpy(input_ids).to(device),
+            positions=torch.from_numpy(positions).to(device),
+            attn=attn,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(device),
+            sample_ids=sample_ids,
+        )
+
+
+def _slot_mapping(
+    tables: list[list[int]],
+    order: list[str],
+    plan: SchedulerOutput,
+    states: dict[str, _RequestState],
+    block_size: int,
+    total: int,
+) -> np.ndarray:
+    """Flat cache slot of every new token: block_table[pos // block_size] * block_size + pos % block_size."""
+    slots = np.empty(total, dtype=np.int64)
+    offset = 0
+    for request_id, table in zip(order, tables, strict=True):
+        count = plan.num_scheduled_tokens[request_id]
+        start = states[request_id].num_computed
+        pos = np.arange(start, start + count)
+        blocks = np.asarray(table, dtype=np.int64)[pos // block_size]
+        slots[offset : offset + count] = blocks * block_size + pos % block_size
+        offset += count
+    return slots

@@ -1,0 +1,545 @@
+"""Model, loader and paged-attention tests.
+
+Parity: logits of every architecture variant match ``transformers`` (fp32, eager attention) over
+a realistic step sequence: a mixed prefill batch, decodes through the paged cache, and a chunked
+prefill whose prefix is already cached; block ids are shuffled so indexing bugs cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quire.models.demo import CHAT_TEMPLATE, IM_END, build_tokenizer, default_demo_checkpoint
+from quire.models.hf_config import ModelArchConfig
+from quire.models.loader import load_model, resolve_dtype
+from quire.models.registry import resolve_model_class, supported_architectures
+from quire.worker.attention import TorchPagedAttention, get_attention_backend
+from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
+from quire.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+
+PARITY_ATOL = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# A hand-rolled paged allocator: what the scheduler + model runner will do, minus everything else.
+# ---------------------------------------------------------------------------------------------
+
+
+class PagedBatcher:
+    """Assigns blocks from a shuffled pool and builds the flat step tensors + AttentionMetadata."""
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+        self.block_size = block_size
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)  # non-contiguous, out-of-order block ids
+        self.blocks: dict[int, list[int]] = {}
+        self.num_cached: dict[int, int] = {}
+
+    def _grow(self, seq: int, num_tokens: int) -> list[int]:
+        blocks = self.blocks.setdefault(seq, [])
+        while len(blocks) * self.block_size < num_tokens:
+            blocks.append(self.free.pop())
+        return blocks
+
+    def _slots(self, seq: int, start: int, count: int) -> list[int]:
+        blocks = self._grow(seq, start + count)
+        return [
+            blocks[p // self.block_size] * self.block_size + p % self.block_size
+            for p in range(start, start + count)
+        ]
+
+    def step(
+        self, decodes: list[tuple[int, int]], prefills: list[tuple[int, list[int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, int]]]:
+        """Tokens for one step; also returns (seq, position) of every flat token row."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[tuple[int, int]] = []
+        for seq, token in decodes:
+            start = self.num_cached.get(seq, 0)
+            assert start > 0, "a decode needs a cached prefix"
+            ids.append(token)
+            positions.append(start)
+            slots += self._slots(seq, start, 1)
+            rows.append((seq, start))
+        max_blocks = max((len(self.blocks[s]) for s, _ in decodes), default=1)
+        tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+        for i, (seq, _) in enumerate(decodes):
+            tables[i, : len(self.blocks[seq])] = torch.tensor(self.blocks[seq])
+        seq_lens = torch.tensor([self.num_cached[s] + 1 for s, _ in decodes], dtype=torch.long)
+        chunks = []
+        for seq, tokens in prefills:
+            start = self.num_cached.get(seq, 0)
+            query_start = len(ids)
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            slots += self._slots(seq, start, len(tokens))
+            rows += [(seq, p) for p in range(start, start + len(tokens))]
+            needed = math.ceil((start + len(tokens)) / self.block_size)
+            block_ids = torch.tensor(self.blocks[seq][:needed], dtype=torch.long)
+            chunks.append(PrefillChunk(query_start, len(tokens), start, block_ids))
+        for seq, _ in decodes:
+            self.num_cached[seq] += 1
+        for seq, tokens in prefills:
+            self.num_cached[seq] = self.num_cached.get(seq, 0) + len(tokens)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_decodes=len(decodes),
+            decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
+            prefills=tuple(chunks),
+            block_size=self.block_size,
+        )
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta, rows
+
+
+def _run_schedule(
+    model: torch.nn.Module, seqs: list[list[int]], dtype: torch.dtype = torch.float32
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Drive ``model`` through mixed steps; logits for every (seq, position) it computed.
+
+    seqs[0] and seqs[1] are prefilled whole in step 1; seqs[2] is prefilled in two chunks (the
+    second one beside decodes, with its prefix already cached); then everything decodes, teacher
+    forced with the remaining tokens of each sequence.
+    """
+    batcher = PagedBatcher(num_blocks=40, block_size=4, seed=1)
+    caches = allocate_kv_caches(model.config, 40, 4, dtype, "cpu")
+    prompt_lens = [5, 11, 17]
+    split = 7
+    plan: list[tuple[list[tuple[int, int]], list[tuple[int, list[int]]]]] = [
+        ([], [(0, seqs[0][:5]), (1, seqs[1][:11]), (2, seqs[2][:split])]),
+        ([(0, seqs[0][5]), (1, seqs[1][11])], [(2, seqs[2][split:17])]),
+    ]
+    cursor = {0: 6, 1: 12, 2: 17}
+    while any(cursor[s] < len(seqs[s]) for s in cursor):
+        decodes = [(s, seqs[s][cursor[s]]) for s in cursor if cursor[s] < len(seqs[s])]
+        for s, _ in decodes:
+            cursor[s] += 1
+        plan.append((decodes, []))
+    assert all(len(seqs[i]) > n for i, n in enumerate(prompt_lens))
+    logits: dict[tuple[int, int], torch.Tensor] = {}
+    with torch.inference_mode():
+        for decodes, prefills in plan:
+            ids, positions, meta, rows = batcher.step(decodes, prefills)
+            hidden = model(ids, positions, caches, meta)
+            assert hidden.shape == (len(ids), model.config.hidden_size)
+            out = model.compute_logits(hidden)
+            assert out.dtype == torch.float32
+            for row, key in enumerate(rows):
+                logits[key] = out[row]
+    return logits
+
+
+def _reference_logits(model_dir: Path, seqs: list[list[int]]) -> list[torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.inference_mode():
+        return [ref(torch.tensor([s])).logits[0].float() for s in seqs]
+
+
+def _random_seqs(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) parity with transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_logits_match_transformers(tiny_model_dir: Callable[[str], Path], tiny_variant: str) -> None:
+    model_dir = tiny_model_dir(tiny_variant)
+    model = load_model(model_dir, torch.float32, "cpu", progress=False)
+    seqs = _random_seqs(model.config.vocab_size, [9, 15, 21])
+    reference = _reference_logits(model_dir, seqs)
+    ours = _run_schedule(model, seqs)
+    assert len(ours) == sum(len(s) for s in seqs)  # every position computed exactly once
+    worst = max((logit - reference[s][p]).abs().max().item() for (s, p), logit in ours.items())
+    assert worst <= PARITY_ATOL, f"{tiny_variant}: max |logit diff| {worst:.2e} vs transformers"
+    # The check is only meaningful if the logits are not flat.
+    assert reference[0].std().item() > 0.5
+
+
+def test_bf16_model_tracks_fp32(tiny_model_dir: Callable[[str], Path]) -> None:
+    model_dir = tiny_model_dir("qwen3")
+    seqs = _random_seqs(512, [9, 15, 21], seed=3)
+    fp32 = _run_schedule(load_model(model_dir, torch.float32, "cpu", progress=False), seqs)
+    bf16_model = load_model(model_dir, "bfloat16", "cpu", progress=False)
+    assert bf16_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    bf16 = _run_schedule(bf16_model, seqs, dtype=torch.bfloat16)
+    worst = max((bf16[k] - fp32[k]).abs().max().item() for k in fp32)
+    agree = sum(bf16[k].argmax() == fp32[k].argmax() for k in fp32) / len(fp32)
+    assert worst < 0.5 and agree > 0.9, (worst, agree)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) loader and config errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_copy(tiny_llama_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def sharded_copy(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir("llama-sharded"), tmp_path / "sharded"))
+
+
+def _edit_config(model_dir: Path, **changes: object) -> None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def _edit_weights(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _load(model_dir: Path) -> torch.nn.Module:
+    return load_model(model_dir, torch.float32, "cpu", progress=False)
+
+
+def test_unsupported_architecture_is_named(llama_copy: Path) -> None:
+    _edit_config(llama_copy, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel") as info:
+        _load(llama_copy)
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert name in str(info.value)
+
+
+def test_missing_files_are_named(llama_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        _load(tmp_path / "nope")
+    (llama_copy / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no \*\.safetensors weights in .*ckpt"):
+        _load(llama_copy)
+    (llama_copy / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"no config\.json in .*ckpt"):
+        _load(llama_copy)
+
+
+def test_missing_shard_is_named(sharded_copy: Path) -> None:
+    (sharded_copy / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"shard model-00002-of-00002\.safetensors named in .*index\.json"):
+        _load(sharded_copy)
+
+
+def test_wrong_shape_names_tensor_shapes_and_file(llama_copy: Path) -> None:
+    def shrink(t: dict[str, torch.Tensor]) -> None:
+        t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:100].clone()
+
+    _edit_weights(llama_copy, shrink)
+    with pytest.raises(ValueError) as info:
+        _load(llama_copy)
+    message = str(info.value)
+    for part in ("model.layers.1.mlp.up_proj.weight", "[100, 64]", "[128, 64]", "model.safetensors"):
+        assert part in message
+
+
+def test_missing_weight_is_named(llama_copy: Path) -> None:
+    _edit_weights(llama_copy, lambda t: t.pop("model.layers.0.self_attn.v_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing weight 'model\.layers\.0\.self_attn\.v_proj\.weight'"):
+        _load(llama_copy)
+
+
+def test_untied_checkpoint_requires_lm_head(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    model_dir = Path(shutil.copytree(tiny_model_dir("mistral"), tmp_path / "m"))
+    _edit_weights(model_dir, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match="missing weight 'lm_head.weight'"):
+        _load(model_dir)
+
+
+def test_extra_weights_error_unless_known_harmless(llama_copy: Path) -> None:
+    def add_harmless(t: dict[str, torch.Tensor]) -> None:
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()  # tied: duplicate is ignored
+
+    _edit_weights(llama_copy, add_harmless)
+    _load(llama_copy)
+    _edit_weights(llama_copy, lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.ones(2)))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight'"):
+        _load(llama_copy)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"hidden_size": None}, r"missing the required field 'hidden_size'"),
+        ({"num_key_value_heads": 3}, r"multiple of num_key_value_heads"),
+        (
+            {"rope_scaling": {"type": "yarn", "factor": 4.0}},
+            r"rope_scaling\.rope_type 'yarn' is not supported",
+        ),
+        ({"rope_scaling": {"rope_type": "linear"}}, r"missing the required field 'factor'"),
+        ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
+        ({"vocab_size": "512"}, r"'vocab_size' must be a positive integer"),
+    ],
+)
+def test_bad_config_fields_are_named(llama_copy: Path, changes: dict[str, object], expected: str) -> None:
+    _edit_config(llama_copy, **changes)
+    with pytest.raises(ValueError, match=expected) as info:
+        _load(llama_copy)
+    assert "config.json" in str(info.value)
+
+
+def test_registry() -> None:
+    assert set(supported_architectures()) >= {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    }
+    assert resolve_model_class(["Foo", "Qwen3ForCausalLM"]).__name__ == "LlamaForCausalLM"
+    with pytest.raises(
+        ValueError, match=r"unsupported model architecture 'Foo'.*supports: .*LlamaForCausalLM"
+    ):
+        resolve_model_class(["Foo"])
+
+
+# ---------------------------------------------------------------------------------------------
+# config parsing details
+# ---------------------------------------------------------------------------------------------
+
+
+def _base_config(architecture: str = "LlamaForCausalLM", **extra: object) -> dict[str, object]:
+    return {
+        "architectures": [architecture],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+        **extra,
+    }
+
+
+def test_rope_spellings_agree() -> None:
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    v4 = ModelArchConfig.from_dict(_base_config(rope_theta=5e5, rope_scaling={"type": "llama3", **scaling}))
+    v5 = ModelArchConfig.from_dict(
+        _base_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **scaling})
+    )
+    assert v4.rope_scaling == v5.rope_scaling and v4.rope_theta == v5.rope_theta == 5e5
+    plain = ModelArchConfig.from_dict(
+        _base_config(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    )
+    assert plain.rope_scaling is None and plain.rope_theta == 1e6
+    assert ModelArchConfig.from_dict(_base_config()).rope_theta == 10000.0
+    with pytest.raises(ValueError, match=r"rope_parameters\.rope_type 'dynamic'"):
+        ModelArchConfig.from_dict(_base_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+
+
+def test_architecture_flags() -> None:
+    llama = ModelArchConfig.from_dict(
+        _base_config(attention_bias=True, eos_token_id=[5, 6], torch_dtype="bfloat16")
+    )
+    assert (llama.qkv_bias, llama.o_proj_bias, llama.qk_norm) == (True, True, False)
+    assert llama.num_key_value_heads == 4 and llama.head_dim == 16
+    assert llama.eos_token_ids == (5, 6) and llama.torch_dtype == "bfloat16"
+    qwen2 = ModelArchConfig.from_dict(_base_config("Qwen2ForCausalLM", sliding_window=4096, dtype="float16"))
+    assert (qwen2.qkv_bias, qwen2.o_proj_bias, qwen2.sliding_window, qwen2.torch_dtype) == (
+        True,
+        False,
+        None,
+        "float16",
+    )
+    qwen3 = ModelArchConfig.from_dict(_base_config("Qwen3ForCausalLM", head_dim=32, num_key_value_heads=2))
+    assert qwen3.qk_norm and qwen3.head_dim == 32 and not qwen3.qkv_bias
+    mistral = ModelArchConfig.from_dict(
+        _base_config(
+            "MistralForCausalLM", attention_bias=True, sliding_window=4096, max_position_embeddings=32768
+        )
+    )
+    assert not mistral.qkv_bias and mistral.sliding_window == 4096 and mistral.max_context_len == 4096
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype("auto", "bfloat16", "cpu") == torch.float32
+    assert resolve_dtype("auto", "bfloat16", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", None, "cuda") == torch.float32
+    assert resolve_dtype("float16", None, "cpu") == torch.float16
+    assert resolve_dtype(torch.bfloat16, "float32", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", None, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) sharded == unsharded
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sharded_checkpoint_loads_identically(tiny_model_dir: Callable[[str], Path]) -> None:
+    whole = _load(tiny_model_dir("llama"))
+    sharded = _load(tiny_model_dir("llama-sharded"))
+    assert len(list((tiny_model_dir("llama-sharded")).glob("model-*.safetensors"))) == 2
+    for (name, a), (_, b) in zip(whole.named_parameters(), sharded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) attention backend vs a naive reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _naive_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: int
+) -> torch.Tensor:
+    """fp32, one query at a time; query i sits at position first_pos + i and sees keys 0..that."""
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    keys = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+    values = values.float().repeat_interleave(heads // kv_heads, dim=1)
+    out = []
+    for i in range(q.shape[0]):
+        visible = first_pos + i + 1
+        scores = torch.einsum("hd,khd->hk", q[i].float(), keys[:visible]) / math.sqrt(q.shape[-1])
+        out.append(torch.einsum("hk,khd->hd", scores.softmax(-1), values[:visible]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)]
+)
+def test_paged_attention_matches_naive(dtype: torch.dtype, atol: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim, block_size = 8, 2, 16, 4
+    # (cached tokens before this step, new tokens this step): three decodes, then a fresh prefill,
+    # a chunk continuing mid-block, and a one-token chunk after a block-aligned prefix.
+    work = [(9, 1), (3, 1), (16, 1), (0, 7), (6, 5), (8, 1)]
+    batcher = PagedBatcher(num_blocks=32, block_size=block_size, seed=3)
+    k_cache = torch.zeros(32, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    history = []
+    for seq, (cached, _) in enumerate(work):  # fill prefixes straight into the cache
+        k = torch.randn(cached, kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(cached, kv_heads, head_dim, generator=gen).to(dtype)
+        slots = torch.tensor(batcher._slots(seq, 0, cached), dtype=torch.long)
+        k_cache.view(-1, kv_heads, head_dim)[slots] = k
+        v_cache.view(-1, kv_heads, head_dim)[slots] = v
+        batcher.num_cached[seq] = cached
+        history.append((k, v))
+    decodes = [(s, 0) for s, (_, n) in enumerate(work) if s < 3]
+    prefills = [(s, [0] * n) for s, (_, n) in enumerate(work) if s >= 3]
+    _, _, meta, _ = batcher.step(decodes, prefills)
+    total = sum(n for _, n in work)
+    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+
+    out = get_attention_backend("cpu").forward(q, k, v, k_cache, v_cache, meta, head_dim**-0.5)
+
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[meta.slot_mapping], k)
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[meta.slot_mapping], v)
+    row = 0
+    for seq, (cached, new) in enumerate(work):
+        keys = torch.cat([history[seq][0], k[row : row + new]])
+        values = torch.cat([history[seq][1], v[row : row + new]])
+        expected = _naive_attention(q[row : row + new], keys, values, first_pos=cached)
+        torch.testing.assert_close(out[row : row + new].float(), expected, atol=atol, rtol=0)
+        row += new
+
+
+def test_attention_backend_registry() -> None:
+    assert isinstance(get_attention_backend("torch"), TorchPagedAttention)
+    assert isinstance(get_attention_backend(torch.device("cpu")), TorchPagedAttention)
+    with pytest.raises(ValueError, match="unknown attention backend or device 'tpu-magic'"):
+        get_attention_backend("tpu-magic")
+
+
+def test_kv_cache_allocation_and_size(tiny_model_dir: Callable[[str], Path]) -> None:
+    config = ModelArchConfig.from_dir(tiny_model_dir("qwen3"))
+    caches = allocate_kv_caches(config, num_blocks=6, block_size=8, dtype=torch.bfloat16, device="cpu")
+    assert len(caches) == config.num_hidden_layers
+    k_cache, v_cache = caches[0]
+    assert k_cache.shape == (6, 8, config.num_key_value_heads, 32) and k_cache.is_contiguous()
+    assert not k_cache.any()
+    actual = sum(t.numel() * t.element_size() for pair in caches for t in pair)
+    assert kv_cache_bytes_per_block(config, 8, torch.bfloat16) * 6 == actual
+    with pytest.raises(ValueError, match="num_blocks must be >= 1"):
+        allocate_kv_caches(config, 0, 8, torch.float32, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo checkpoint and tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_demo_tokenizer_is_deterministic_and_splits_multibyte_text() -> None:
+    start = time.perf_counter()
+    first, second = build_tokenizer(512), build_tokenizer(512)
+    assert time.perf_counter() - start < 10  # ~0.1 s each; generous bound for loaded machines
+    assert first.to_str() == second.to_str()
+    assert first.get_vocab_size() == 512
+    assert [first.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", IM_END)] == [0, 1, 2]
+    text = "Hello café 你好 🚀"
+    ids = first.encode(text).ids
+    assert first.decode(ids) == text
+    # Some token alone is not valid UTF-8: incremental detokenizers must hold bytes back.
+    assert any("\ufffd" in first.decode([i]) for i in ids)
+    with pytest.raises(ValueError, match="vocab_size must be >= 259"):
+        build_tokenizer(100)
+
+
+def test_demo_chat_template_is_chatml(tiny_llama_dir: Path) -> None:
+    import jinja2
+
+    config = json.loads((tiny_llama_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == IM_END
+    rendered = (
+        jinja2.Environment()
+        .from_string(CHAT_TEMPLATE)
+        .render(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_default_demo_checkpoint_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUIRE_CACHE_DIR", str(tmp_path))
+    path = default_demo_checkpoint()
+    assert path.parent == tmp_path and (path / "model.safetensors").is_file()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert default_demo_checkpoint() == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no staging directory left behind
+    config = ModelArchConfig.from_dir(path)
+    assert (config.hidden_size, config.num_hidden_layers, config.head_dim, config.vocab_size) == (
+        256,
+        4,
+        64,
+        2048,
+    )
+    model = _load(path)
+    batcher = PagedBatcher(num_blocks=8, block_size=16)
+    ids, positions, meta, _ = batcher.step([], [(0, [5, 6, 7])])
+    with torch.inference_mode():
+        logits = model.compute_logits(
+            model(ids, positions, allocate_kv_caches(config, 8, 16, torch.float32, "cpu"), meta)
+        )
+    assert logits.shape == (3, 2048) and torch.isfinite(logits).all()
