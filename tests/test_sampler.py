@@ -428,7 +428,7 @@ def batches(draw: st.DrawFn) -> tuple[int, torch.Tensor, list[SamplingState]]:
     return vocab, logits, states
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_random_parameter_mixes_sample_valid_tokens(
     batch: tuple[int, torch.Tensor, list[SamplingState]],
