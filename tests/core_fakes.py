@@ -38,7 +38,9 @@ class CheckingExecutor:
         for request_id in plan.finished_request_ids:
             self.seqs.pop(request_id, None)
         for new in plan.new_requests:
-            self.seqs[new.request_id] = _Seq(list(new.token_ids), list(new.block_ids), new.num_computed_tokens)
+            self.seqs[new.request_id] = _Seq(
+                list(new.token_ids), list(new.block_ids), new.num_computed_tokens
+            )
         for cached in plan.cached_requests:
             seq = self.seqs[cached.request_id]
             assert seq.num_computed == cached.num_computed_tokens, (cached, seq.num_computed)

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core_fakes import CheckingExecutor
 from quire.config import SchedulerConfig
 from quire.core.block_pool import BlockPool
 from quire.core.engine_core import EngineCore
@@ -17,6 +16,8 @@ from quire.core.request import EngineCoreRequest, Request
 from quire.core.scheduler import RequestRejected
 from quire.sampling import SamplingParams
 
+from core_fakes import CheckingExecutor
+
 BLOCK = 4
 
 
@@ -24,7 +25,10 @@ def make_core(num_blocks=64, max_num_seqs=8, budget=32, max_len=128, chunked=Tru
     kv = KVCacheManager(num_blocks, BLOCK, enable_caching=caching)
     executor = CheckingExecutor(num_blocks, BLOCK, seed=seed)
     config = SchedulerConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len, enable_chunked_prefill=chunked
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=max_len,
+        enable_chunked_prefill=chunked,
     )
     return EngineCore(config, kv, executor), kv, executor
 
@@ -258,7 +262,10 @@ def test_eos_and_stop_token_ids_and_min_tokens():
     kv = KVCacheManager(32, BLOCK)
     params = SamplingParams(max_tokens=10, min_tokens=2, stop_token_ids=[7])
     req = Request(
-        EngineCoreRequest("x", [1, 2], params, frozenset({9}), arrival_time=0.0), index=0, arrival_seq=1, max_model_len=64
+        EngineCoreRequest("x", [1, 2], params, frozenset({9}), arrival_time=0.0),
+        index=0,
+        arrival_seq=1,
+        max_model_len=64,
     )
     assert not req.append_token(9, 64).is_finished  # eos inside min_tokens is ignored
     assert req.append_token(7, 64).finish_reason == "stop" and req.stop_reason == 7
@@ -292,7 +299,12 @@ operation = st.one_of(
 def test_random_operations_never_leak_or_corrupt(ops, num_blocks, budget, chunked, caching):
     max_len = 64 if chunked else min(64, budget)
     core, kv, executor = make_core(
-        num_blocks=num_blocks, max_num_seqs=6, budget=budget, max_len=max_len, chunked=chunked, caching=caching
+        num_blocks=num_blocks,
+        max_num_seqs=6,
+        budget=budget,
+        max_len=max_len,
+        chunked=chunked,
+        caching=caching,
     )
     added: list[str] = []
     for op in ops:

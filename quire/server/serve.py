@@ -1,0 +1,137 @@
+"""``quire serve``: uvicorn (uvloop + httptools) in front of an engine-core process, with a drain.
+
+Shutdown on SIGTERM or Ctrl-C: the port stays open but every new request gets 503, requests in
+flight run to completion for up to ``--shutdown-timeout`` seconds, then uvicorn stops (cancelling
+what is left, which aborts it in the engine), the engine process is told to exit, and the process
+exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from quire.config import EngineArgs
+from quire.frontend.core_builder import resolve_model_path
+from quire.frontend.process_client import ProcessEngineClient
+from quire.server.app import build_app
+from quire.server.settings import ServerSettings
+from quire.server.state import ServerState
+from quire.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "quire-demo"
+# After the drain, connections still open get this long before uvicorn cancels their tasks.
+FINAL_GRACE_S = 1.0
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal starts a drain instead of closing the port."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self.address: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        await super().startup(sockets)
+        if self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.address = f"http://{host}:{port}"
+            print(
+                f"quire: listening on {self.address} (/health is 503 until the model is loaded)", flush=True
+            )
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the signal handler: only flag and schedule. Not calling super() for the first
+        # signal also keeps uvicorn from re-raising it at exit, which would kill us with -SIGTERM.
+        if self._drain is not None or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            self.force_exit = True
+            return
+        self.state.draining = True
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        state = self.state
+        timeout = state.settings.shutdown_timeout
+        logger.warning(
+            "shutting down: new requests get 503; waiting up to %.0f s for %d in flight",
+            timeout,
+            state.in_flight,
+        )
+        deadline = time.monotonic() + timeout
+        while state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if state.in_flight > 0:
+            logger.warning("shutdown timeout reached; aborting %d requests still running", state.in_flight)
+        self.should_exit = True
+
+    def fail(self, message: str) -> None:
+        """The engine could not start: exit non-zero."""
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def default_model_name(args: EngineArgs) -> str:
+    return DEMO_MODEL_NAME if args.model is None else args.model
+
+
+def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING") -> int:
+    """Run the server until it is stopped; returns the process exit code."""
+    model_path = resolve_model_path(args)
+    tokenizer = Tokenizer.from_dir(model_path)  # fails fast, before anything slow, on a bad directory
+    names = settings.served_model_names or (default_model_name(args),)
+    client = ProcessEngineClient(args, model_path, tokenizer, log_level=log_level)
+    state = ServerState(settings, client, names, model_path, args.max_num_seqs)
+    config = uvicorn.Config(
+        build_app(state),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,  # keep the CLI's logging setup
+        log_level=log_level.lower(),
+        access_log=False,  # the request log line replaces it
+        timeout_graceful_shutdown=int(FINAL_GRACE_S),
+    )
+    server = DrainingServer(config, state)
+
+    def announce() -> None:
+        info = client.info
+        assert info is not None
+        print(
+            f"quire: serving model '{names[0]}' from {Path(model_path)} at {server.address or settings.host}\n"
+            f"quire: KV cache pool: {info.num_blocks} blocks x {info.block_size} tokens = "
+            f"{info.kv_capacity_tokens} tokens; max_model_len {info.max_model_len}; "
+            f"{info.dtype} on {info.device}; max_num_seqs {args.max_num_seqs}\n"
+            "quire: ready",
+            flush=True,
+        )
+
+    state.on_ready.append(announce)
+    state.on_fatal.append(server.fail)
+    try:
+        server.run()
+    finally:
+        client.remove_socket_dir()
+    return server.exit_code

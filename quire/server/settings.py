@@ -1,0 +1,49 @@
+"""The HTTP server's own knobs (everything the engine does not see), validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What ``quire serve`` adds on top of the engine's ``EngineArgs``.
+
+    ``served_model_names``: the names clients put in ``model`` (the first is used in responses);
+    empty means one name derived from the model path. ``max_waiting``: how many sequences may be
+    queued beyond the ``max_num_seqs`` the engine runs at once before new requests get 503.
+    ``request_timeout`` / ``shutdown_timeout`` are seconds; a request timeout of None never expires.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    api_key_file: str | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_waiting: int = 256
+    max_body_bytes: int = 4 << 20
+    request_timeout: float | None = 600.0
+    shutdown_timeout: float = 30.0
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.request_timeout is not None and not (
+            self.request_timeout > 0 and math.isfinite(self.request_timeout)
+        ):
+            raise ValueError(
+                f"request_timeout must be a positive number of seconds, got {self.request_timeout}"
+            )
+        if not (self.shutdown_timeout >= 0 and math.isfinite(self.shutdown_timeout)):
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        for name in self.served_model_names:
+            if not name or len(name) > 256:
+                raise ValueError(f"served model names must be 1-256 characters, got {name!r}")

@@ -1,0 +1,130 @@
+"""Process lifecycle: graceful SIGTERM drain, a dead engine seen by the API, a dead API seen by the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from server_fixtures import engine_pid, running_server
+
+
+async def _stream_all(url: str, count: int, max_tokens: int, started: threading.Event) -> list[dict]:
+    """``count`` concurrent streams; ``started`` is set once every one has its first token."""
+    first_tokens = 0
+
+    async def one(client: httpx.AsyncClient, index: int) -> dict:
+        nonlocal first_tokens
+        body = {
+            "prompt": [100 + index] * 8,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+        stamps, finish, usage = [], None, None
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    payload = json.loads(line[len("data: ") :])
+                    if "error" in payload:
+                        return {"error": payload["error"]["message"], "stamps": stamps}
+                    if payload["usage"] is not None:
+                        usage = payload["usage"]
+                    elif payload["choices"][0]["finish_reason"] is not None:
+                        finish = payload["choices"][0]["finish_reason"]
+                    else:
+                        stamps.append(time.monotonic())
+                    if len(stamps) == 1:
+                        first_tokens += 1
+                        if first_tokens == count:
+                            started.set()
+                elif line == "data: [DONE]":
+                    return {"done": True, "stamps": stamps, "finish": finish, "usage": usage}
+        return {"done": False, "stamps": stamps}
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(count)))
+
+
+def _run_streams_in_thread(
+    url: str, count: int, max_tokens: int
+) -> tuple[threading.Thread, threading.Event, list]:
+    started = threading.Event()
+    results: list = []
+    thread = threading.Thread(
+        target=lambda: results.extend(asyncio.run(_stream_all(url, count, max_tokens, started)))
+    )
+    thread.start()
+    return thread, started, results
+
+
+def test_sigterm_drains_active_streams_then_exits_0() -> None:
+    with running_server("--shutdown-timeout", "300") as server:
+        thread, started, results = _run_streams_in_thread(server.url, 8, 48)
+        assert started.wait(120), "streams did not start"
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.2)
+        refused = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30
+        )
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+        thread.join(300)
+        assert len(results) == 8
+        for result in results:
+            assert result.get("done") and result["finish"] == "length"
+            assert result["usage"]["completion_tokens"] == 48
+        assert any(stamp > signalled for result in results for stamp in result["stamps"]), (
+            "nothing was in flight"
+        )
+        assert server.proc.wait(60) == 0
+        assert "Traceback" not in server.log_text()
+
+
+def _pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_dead_engine_means_503() -> None:
+    with running_server() as server:
+        pid = engine_pid(server)
+        assert pid is not None
+        thread, started, results = _run_streams_in_thread(server.url, 1, 400)
+        assert started.wait(120)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        assert "error" in results[0] or not results[0].get("done")
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/health").status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 after the engine died"
+            time.sleep(0.1)
+        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert response.status_code == 503 and "engine" in response.json()["error"]["message"]
+        assert server.stop() == 0
+
+
+def test_engine_exits_when_api_dies() -> None:
+    with running_server() as server:
+        pid = engine_pid(server)
+        assert pid is not None and _pid_alive(pid)
+        server.proc.kill()
+        server.proc.wait()
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid):
+            assert time.monotonic() < deadline, "the engine process outlived its API server"
+            time.sleep(0.1)
+
+
+def test_bad_model_path_fails_fast(tmp_path: Path) -> None:
+    from quire.entrypoints.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
