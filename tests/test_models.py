@@ -543,3 +543,13 @@ def test_default_demo_checkpoint_builds_once(tmp_path: Path, monkeypatch: pytest
             model(ids, positions, allocate_kv_caches(config, 8, 16, torch.float32, "cpu"), meta)
         )
     assert logits.shape == (3, 2048) and torch.isfinite(logits).all()
+
+
+def test_cpu_lm_head_slices_match_one_gemm(tiny_model_dir: Callable[[str], Path], monkeypatch) -> None:
+    import quire.models.llama as llama
+
+    model = load_model(tiny_model_dir("llama-untied-bias"), torch.float32, "cpu", progress=False)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = torch.nn.functional.linear(hidden, model.lm_head.weight)
+    monkeypatch.setattr(llama, "_CPU_VOCAB_SLICE", 100)  # 512-token vocab: 5 full slices and a ragged one
+    assert torch.equal(model.compute_logits(hidden), whole)
