@@ -150,6 +150,10 @@ class Scheduler:
 
         if not out_of_blocks:  # admitting now would only preempt again next step
             budget = self._admit_waiting(budget, num_tokens, new_reqs, cached_reqs)
+            if not num_tokens and self._release_waiting_blocks():
+                # Nothing could run: forked siblings waiting on shared prompt blocks were holding
+                # the room the queue's head needs. Let them recompute (or hit the prefix cache).
+                budget = self._admit_waiting(budget, num_tokens, new_reqs, cached_reqs)
 
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(
@@ -214,6 +218,15 @@ class Scheduler:
             if not blocks_short and len(self.running) < self.config.max_num_seqs:
                 return
             self._preempt(self.running[-1])
+
+    def _release_waiting_blocks(self) -> bool:
+        released = False
+        for request in self.requests.values():
+            if request.status == RequestStatus.WAITING and self.kv.num_blocks_of(request.request_id):
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                released = True
+        return released
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
