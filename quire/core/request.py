@@ -46,6 +46,32 @@ class EngineCoreRequest:
             raise ValueError("the prompt must contain at least one token")
 
 
+def fit_error(
+    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity_tokens: int
+) -> str | None:
+    """Why a request could never run (prompt and max_tokens vs context and KV pool), or None.
+
+    One rule for both sides of the engine: the client rejects early with this message, and the
+    scheduler rejects with it again for callers that bypass the client."""
+    if num_prompt_tokens >= max_model_len:
+        return (
+            f"the prompt has {num_prompt_tokens} tokens, but the model's context length is {max_model_len} "
+            "(the prompt must leave room for at least one generated token)"
+        )
+    total = num_prompt_tokens + (max_tokens if max_tokens is not None else max_model_len - num_prompt_tokens)
+    if total > max_model_len:
+        return (
+            f"the prompt has {num_prompt_tokens} tokens and max_tokens is {max_tokens}: {total} tokens, "
+            f"over the model's context length of {max_model_len}; lower max_tokens or shorten the prompt"
+        )
+    if total > capacity_tokens:
+        return (
+            f"the request needs {total} tokens of KV cache, but the whole pool holds {capacity_tokens}: "
+            "lower max_tokens or give the KV cache more memory"
+        )
+    return None
+
+
 class Request:
     """One sequence. ``n > 1`` requests become ``n`` of these sharing the prompt's KV blocks."""
 

@@ -23,7 +23,7 @@ from quire.core.outputs import (
     RunnerOutput,
     SchedulerOutput,
 )
-from quire.core.request import Request, RequestStatus
+from quire.core.request import Request, RequestStatus, fit_error
 
 
 class RequestRejected(ValueError):
@@ -50,24 +50,10 @@ class Scheduler:
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
         """Reject up front what could never run, with the numbers a user needs."""
-        limit = self.config.max_model_len
-        if num_prompt_tokens >= limit:
-            raise RequestRejected(
-                f"the prompt has {num_prompt_tokens} tokens, but the model's context length is {limit}: "
-                "shorten the prompt"
-            )
-        total = num_prompt_tokens + (max_tokens if max_tokens is not None else limit - num_prompt_tokens)
-        if total > limit:
-            raise RequestRejected(
-                f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
-                f"over the model's context length of {limit}: lower max_tokens or shorten the prompt"
-            )
         capacity = self.kv.pool.num_blocks * self.kv.block_size
-        if total > capacity:
-            raise RequestRejected(
-                f"the request needs {total} tokens of KV cache, but the whole pool holds {capacity}: "
-                "lower max_tokens or give the KV cache more memory"
-            )
+        error = fit_error(num_prompt_tokens, max_tokens, self.config.max_model_len, capacity)
+        if error is not None:
+            raise RequestRejected(error)
 
     def add_request(self, request: Request, children: list[Request] | None = None) -> None:
         """Queue a request; ``children`` are its parallel samples, started by forking its

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from quire.core.request import EngineCoreRequest
+from quire.core.request import EngineCoreRequest, fit_error
 from quire.sampling import SamplingParams
 from quire.tokenizer import Tokenizer
 
@@ -53,22 +53,9 @@ class InputProcessor:
     def check_params(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty: it must contain at least one token")
-        limit = self.max_model_len
-        if num_prompt_tokens >= limit:
-            raise ValueError(
-                f"the prompt has {num_prompt_tokens} tokens, but the model's context length is {limit} "
-                "(the prompt must leave room for at least one generated token)"
-            )
-        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
-            raise ValueError(
-                f"the prompt has {num_prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
-                f"{num_prompt_tokens + params.max_tokens} tokens, over the model's context length of {limit}"
-            )
-        total = num_prompt_tokens + (params.max_tokens or limit - num_prompt_tokens)
-        if total > self.kv_capacity_tokens:
-            raise ValueError(
-                f"the request needs {total} tokens of KV cache, but the whole pool holds {self.kv_capacity_tokens}"
-            )
+        error = fit_error(num_prompt_tokens, params.max_tokens, self.max_model_len, self.kv_capacity_tokens)
+        if error is not None:
+            raise ValueError(error)
         for token_id in params.logit_bias or {}:
             if token_id >= self.vocab_size:
                 raise ValueError(
