@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from quire.sampling import SamplingParams
 
@@ -46,13 +45,24 @@ class SchedulerOutput:
         return self.total_num_scheduled_tokens == 0
 
 
+@dataclass
+class TokenLogprobs:
+    """The sampled token's logprob and rank under the raw model distribution, plus alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely; ties share the better rank
+    top_token_ids: list[int]  # the params.logprobs most likely tokens, most likely first
+    top_logprobs: list[float]
+
+
 @dataclass(frozen=True)
 class RunnerOutput:
     """What the model runner sampled: one entry per request that reached the end of its tokens."""
 
     request_ids: list[str]
     sampled_token_ids: list[int]
-    logprobs: list[Any]  # quire.worker.sampler.TokenLogprobs or None, per entry
+    logprobs: list[TokenLogprobs | None]  # per entry; None where no logprobs were asked for
 
 
 @dataclass
@@ -62,7 +72,7 @@ class EngineCoreOutput:
     request_id: str  # the client's id
     index: int  # which of the n parallel samples
     new_token_ids: list[int]
-    new_logprobs: list[Any] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | None = None
     num_cached_tokens: int = 0

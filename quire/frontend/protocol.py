@@ -4,17 +4,16 @@ Typed msgspec structs, msgpack on the wire. Inputs (add / abort / finish_stopped
 to the engine; one ``OutputBatch`` per engine step flows back, so the per-token cost on the wire is
 one list entry, not one message.
 
-The engine side encodes its own dataclasses (``EngineCoreOutput``, ``TokenLogprobs``) directly and
-the API side decodes them into the mirror structs below: msgspec encodes a dataclass as a map of
-its fields, so no per-output conversion loop runs in the step loop, and the API process never
-imports torch (``TokenLogprobs`` lives next to the sampler).
+Both sides use the engine core's own dataclasses (``EngineCoreOutput``, ``TokenLogprobs``, both in
+the torch-free ``quire.core.outputs``): msgspec encodes and decodes dataclasses natively, so no
+per-output conversion loop runs in the step loop or in the API process.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from quire.core.outputs import StepStats
+from quire.core.outputs import EngineCoreOutput, StepStats
 from quire.core.request import EngineCoreRequest
 from quire.frontend.core_builder import EngineInfo
 
@@ -46,30 +45,6 @@ EngineInput = AddRequest | AbortRequests | FinishStopped | Shutdown
 # -- engine -> API ----------------------------------------------------------------------------
 
 
-class TokenLogprobsMsg(msgspec.Struct):
-    """Mirror of ``quire.worker.sampler.TokenLogprobs`` (same field names)."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_token_ids: list[int]
-    top_logprobs: list[float]
-
-
-class CoreOutput(msgspec.Struct):
-    """Mirror of ``quire.core.outputs.EngineCoreOutput`` (same field names), duck-typed for the
-    ``OutputProcessor``."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobsMsg] = []
-    finish_reason: str | None = None
-    stop_reason: int | None = None
-    num_cached_tokens: int = 0
-    first_scheduled_time: float | None = None
-
-
 class RequestError(msgspec.Struct, array_like=True):
     """The engine refused a request (e.g. ``RequestRejected``); the message is user-facing."""
 
@@ -80,7 +55,7 @@ class RequestError(msgspec.Struct, array_like=True):
 class OutputBatch(msgspec.Struct, tag="outputs", array_like=True):
     """Everything one engine step produced, plus the step's stats."""
 
-    outputs: list[CoreOutput]
+    outputs: list[EngineCoreOutput]
     stats: StepStats | None = None
     errors: list[RequestError] = []
 

@@ -24,6 +24,7 @@ from itertools import chain
 
 import torch
 
+from quire.core.outputs import TokenLogprobs
 from quire.sampling import SamplingParams
 
 _UINT64 = 1 << 64
@@ -73,17 +74,6 @@ class SamplingState:
             eos_token_ids=frozenset(eos_token_ids),
             generator=make_generator(params.seed, device),
         )
-
-
-@dataclass
-class TokenLogprobs:
-    """The sampled token's logprob and rank under the raw model distribution, plus alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int  # 1 = most likely; ties share the better rank
-    top_token_ids: list[int]  # the params.logprobs most likely tokens, most likely first
-    top_logprobs: list[float]
 
 
 @dataclass
