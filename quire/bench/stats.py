@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any
 
 
@@ -59,7 +60,7 @@ class RequestRecord:
         if len(self.chunk_times) < 2:
             return []
         tokens_per_chunk = max(1.0, self.output_tokens / len(self.chunk_times))
-        return [(b - a) / tokens_per_chunk for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+        return [(b - a) / tokens_per_chunk for a, b in pairwise(self.chunk_times)]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""The ``quire`` command line: ``quire generate`` and ``quire serve`` (and, as it lands, ``bench``)."""
+"""The ``quire`` command line: ``quire generate``, ``quire serve`` and ``quire bench``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from quire.config import EngineArgs
 
@@ -137,6 +137,149 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _csv(kind: type) -> Callable[[str], tuple]:
+    """An argparse type for comma-separated values such as ``1,8,32``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s, got {text!r}"
+            ) from exc
+
+    return parse
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (EOS ignored)")
+    parser.add_argument("--num-requests", type=int, default=64, help="measured requests per level")
+    parser.add_argument(
+        "--shared-prefix-len", type=int, default=0, help="leading tokens shared within a level"
+    )
+    parser.add_argument("--vocab-lo", type=int, default=100, help="prompt token ids are drawn from [lo, hi)")
+    parser.add_argument("--vocab-hi", type=int, default=30000)
+    parser.add_argument("--warmup", type=int, default=0, help="uncounted requests before each level")
+    parser.add_argument("--label", default="", help="name of this run in tables, files and plots")
+    parser.add_argument("--save", default=None, metavar="FILE.json", help="write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _workload_from(ns: argparse.Namespace):
+    from quire.bench.workload import WorkloadConfig
+
+    return WorkloadConfig(
+        input_len=ns.input_len,
+        output_len=ns.output_len,
+        num_requests=ns.num_requests,
+        vocab_lo=ns.vocab_lo,
+        vocab_hi=ns.vocab_hi,
+        seed=ns.seed,
+        shared_prefix_len=ns.shared_prefix_len,
+    )
+
+
+def _finish_bench(ns: argparse.Namespace, run) -> int:
+    from quire.bench.report import format_table, save_run
+
+    print(format_table(run))
+    if ns.save:
+        save_run(run, ns.save)
+        print(f"saved {ns.save}", file=sys.stderr)
+    if getattr(ns, "plot", None):
+        from quire.bench.plot import plot_runs
+
+        plot_runs([run], ns.plot)
+        print(f"plotted {ns.plot}", file=sys.stderr)
+    # Non-zero when any request failed, so scripts notice a broken server.
+    return 1 if any(level.failed for level in run.levels) else 0
+
+
+def _bench_serve(ns: argparse.Namespace) -> int:
+    from quire.bench.client import ServeTarget
+    from quire.bench.runner import SweepConfig, run_serve
+    from quire.bench.stats import SLO
+
+    rates = ns.request_rate or ()
+    concurrency = ns.concurrency if ns.concurrency is not None else (() if rates else (1, 8, 32))
+    sweep = SweepConfig(
+        concurrency=concurrency,
+        request_rates=rates,
+        warmup=ns.warmup,
+        slo=SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms),
+    )
+    target = ServeTarget(
+        base_url=ns.base_url,
+        model=ns.model,
+        api_key=ns.api_key,
+        timeout_s=ns.timeout,
+        temperature=ns.temperature,
+    )
+    run = run_serve(target, _workload_from(ns), sweep, label=ns.label, progress=not ns.no_progress)
+    return _finish_bench(ns, run)
+
+
+def _bench_offline(ns: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from quire.bench.runner import run_offline
+
+    if ns.model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+    engine_kwargs = {**asdict(engine_args_from(ns)), "show_progress": not ns.no_progress}
+    run = run_offline(
+        engine_kwargs, _workload_from(ns), warmup=ns.warmup, label=ns.label, progress=not ns.no_progress
+    )
+    return _finish_bench(ns, run)
+
+
+def _bench_plot(ns: argparse.Namespace) -> int:
+    from quire.bench.plot import plot_runs
+    from quire.bench.report import load_run
+
+    plot_runs([load_run(path) for path in ns.results], ns.output)
+    print(f"plotted {ns.output}", file=sys.stderr)
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmark a server (serve), the offline engine, or plot results")
+    modes = bench.add_subparsers(dest="bench_command", required=True)
+
+    srv = modes.add_parser("serve", help="load-test any OpenAI-compatible /v1/completions server")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    srv.add_argument("--model", required=True, help="the model name the server serves")
+    srv.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    srv.add_argument(
+        "--concurrency", type=_csv(int), default=None, help="comma-separated levels (default 1,8,32)"
+    )
+    srv.add_argument(
+        "--request-rate",
+        type=_csv(float),
+        default=None,
+        help="Poisson arrivals at these requests/s (comma-separated levels) instead of a concurrency sweep",
+    )
+    srv.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT target")
+    srv.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT target")
+    srv.add_argument("--temperature", type=float, default=0.0)
+    srv.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
+    srv.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
+    srv.add_argument("--plot", default=None, metavar="FILE.png", help="plot throughput and p99 latencies")
+    add_workload_arguments(srv)
+    srv.set_defaults(handler=_bench_serve)
+
+    off = modes.add_parser("offline", help="the same workload through LLM.generate in this process")
+    add_engine_arguments(off)  # its --seed seeds both the engine and the prompts
+    add_workload_arguments(off)
+    off.set_defaults(handler=_bench_offline)
+
+    plot = modes.add_parser("plot", help="overlay saved results (--save files) in one chart")
+    plot.add_argument("results", nargs="+", help="JSON files written by --save")
+    plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    plot.set_defaults(handler=_bench_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quire", description="quire: an LLM inference server")
     parser.add_argument("--log-level", default="WARNING")
@@ -159,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(srv)
     add_server_arguments(srv)
     srv.set_defaults(handler=_serve)
+
+    add_bench_parser(sub)
     return parser
 
 
