@@ -208,3 +208,16 @@ def test_bench_offline_runs_the_same_workload(tiny_llama_dir: Path) -> None:
     assert run.mode == "offline" and level.concurrency == 2
     assert (level.ok, level.output_tokens, level.input_tokens) == (4, 16, 32)
     assert math.isfinite(level.output_tok_s) and level.output_tok_s > 0
+
+
+def test_bench_offline_fits_the_default_id_range_to_a_small_vocabulary(tiny_llama_dir: Path) -> None:
+    workload = WorkloadConfig(input_len=8, output_len=2, num_requests=2)  # default ids go up to 30000
+    engine = {
+        "model": str(tiny_llama_dir),
+        "kv_cache_memory": "32MiB",
+        "max_model_len": 512,
+        "show_progress": False,
+    }
+    run = run_offline(engine, workload, progress=False)
+    assert run.levels[0].ok == 2
+    assert run.config["workload"]["vocab_hi"] == 512

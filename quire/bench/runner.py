@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from quire.bench.client import ServeTarget, run_level
@@ -109,6 +109,10 @@ def run_offline(
     from quire.sampling import SamplingParams
 
     llm = LLM(**engine_kwargs)
+    vocab = llm.engine.info.vocab_size
+    if workload.vocab_hi > vocab:
+        # The default id range suits real vocabularies; a small model (the demo) gets its own.
+        workload = replace(workload, vocab_hi=vocab, vocab_lo=min(workload.vocab_lo, vocab // 2))
     params = SamplingParams(max_tokens=workload.output_len, ignore_eos=True, temperature=0.0)
     if warmup:
         llm.generate(_as_inputs(make_prompts(workload, 0, count=warmup, purpose=WARMUP)), params)
