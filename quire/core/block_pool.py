@@ -97,11 +97,6 @@ class BlockPool:
         """How many of these cached blocks are currently free (acquiring them shrinks the free pool)."""
         return sum(1 for b in blocks if b.ref_cnt == 0)
 
-    def reset_prefix_cache(self) -> None:
-        for block in self._cached.values():
-            block.block_hash = None
-        self._cached.clear()
-
     def check_invariants(self) -> None:
         for block in self.blocks:
             assert block.ref_cnt >= 0, block

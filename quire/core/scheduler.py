@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections.abc import Iterable
 
 from quire.config import SchedulerConfig
 from quire.core.kv_manager import KVCacheManager
@@ -304,9 +303,6 @@ class Scheduler:
                 output.stop_reason = request.stop_reason
             outputs.append(output)
         return outputs
-
-    def iter_requests(self) -> Iterable[Request]:
-        return self.requests.values()
 
     @property
     def step_preemptions(self) -> int:

@@ -243,7 +243,7 @@ class EngineClient(abc.ABC):
                 self._num_seqs -= stream.num_seqs
                 stream.fail(ValueError(error.message))
         if batch.outputs:
-            results, stopped = processor.process(batch.outputs)  # type: ignore[arg-type]
+            results, stopped = processor.process(batch.outputs)
             for request_id, index in stopped:
                 self._send(protocol.FinishStopped(request_id, index))
             streams = self._streams

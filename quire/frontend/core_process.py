@@ -81,7 +81,7 @@ class EngineCoreLoop:
             # the runner, and the API sees fresh stats (KV usage back to zero) at once.
             if busy or messages:
                 outputs, stats = core.step()
-                publish(protocol.OutputBatch(outputs, stats, errors))  # type: ignore[arg-type]
+                publish(protocol.OutputBatch(outputs, stats, errors))
 
 
 class _ZmqTransport:

@@ -58,9 +58,6 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._requests: dict[str, _Request] = {}
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._requests
-
     @property
     def num_unfinished(self) -> int:
         return len(self._requests)

@@ -52,10 +52,6 @@ class ModelRunner:
         self.sampler = Sampler(vocab_size, device)
         self._states: dict[str, _RequestState] = {}
 
-    @property
-    def num_tracked_requests(self) -> int:
-        return len(self._states)
-
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         self._apply_plan(plan)
         if plan.is_empty:
@@ -116,11 +112,11 @@ class ModelRunner:
 
         input_ids = np.empty(total, dtype=np.int64)
         positions = np.empty(total, dtype=np.int64)
+        slot_mapping = np.empty(total, dtype=np.int64)
         max_blocks = max((len(self._states[rid].block_ids) for rid in decodes), default=0)
         decode_tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
         decode_lens = np.empty(len(decodes), dtype=np.int64)
-        tables: list[list[int]] = []
-        chunks: list[tuple[int, int, int]] = []
+        chunks: list[PrefillChunk] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
 
@@ -130,37 +126,32 @@ class ModelRunner:
             count = plan.num_scheduled_tokens[request_id]
             start = state.num_computed
             end = start + count
-            input_ids[offset : offset + count] = state.token_ids[start:end]
-            positions[offset : offset + count] = np.arange(start, end)
-            tables.append(state.block_ids)
+            rows = slice(offset, offset + count)
+            pos = np.arange(start, end)
+            input_ids[rows] = state.token_ids[start:end]
+            positions[rows] = pos
+            table = np.asarray(state.block_ids, dtype=np.int64)
+            # Flat cache slot of each new token: its block's id * block_size + offset in the block.
+            slot_mapping[rows] = table[pos // block_size] * block_size + pos % block_size
             if i < len(decodes):
-                decode_tables[i, : len(state.block_ids)] = state.block_ids
+                decode_tables[i, : len(table)] = table
                 decode_lens[i] = end
             else:
-                chunks.append((offset, count, start))
+                num_blocks = -(-end // block_size)
+                block_ids = torch.from_numpy(table[:num_blocks]).to(self.device)
+                chunks.append(PrefillChunk(offset, count, start, block_ids))
             if end == len(state.token_ids):  # every known token computed: the next one is sampled
                 sample_rows.append(offset + count - 1)
                 sample_ids.append(request_id)
             offset += count
 
-        slot_mapping = _slot_mapping(tables, order, plan, self._states, block_size, total)
         device = self.device
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(slot_mapping).to(device),
             num_decodes=len(decodes),
             decode_block_tables=torch.from_numpy(decode_tables).to(device),
             decode_seq_lens=torch.from_numpy(decode_lens).to(device),
-            prefills=tuple(
-                PrefillChunk(
-                    query_start=q_start,
-                    query_len=q_len,
-                    num_computed=computed,
-                    block_ids=torch.tensor(
-                        tables[len(decodes) + j][: -(-(computed + q_len) // block_size)], dtype=torch.int64
-                    ).to(device),
-                )
-                for j, (q_start, q_len, computed) in enumerate(chunks)
-            ),
+            prefills=tuple(chunks),
             block_size=block_size,
         )
         return _Batch(
@@ -170,24 +161,3 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(device),
             sample_ids=sample_ids,
         )
-
-
-def _slot_mapping(
-    tables: list[list[int]],
-    order: list[str],
-    plan: SchedulerOutput,
-    states: dict[str, _RequestState],
-    block_size: int,
-    total: int,
-) -> np.ndarray:
-    """Flat cache slot of every new token: block_table[pos // block_size] * block_size + pos % block_size."""
-    slots = np.empty(total, dtype=np.int64)
-    offset = 0
-    for request_id, table in zip(order, tables, strict=True):
-        count = plan.num_scheduled_tokens[request_id]
-        start = states[request_id].num_computed
-        pos = np.arange(start, start + count)
-        blocks = np.asarray(table, dtype=np.int64)[pos // block_size]
-        slots[offset : offset + count] = blocks * block_size + pos % block_size
-        offset += count
-    return slots
