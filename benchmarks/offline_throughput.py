@@ -14,42 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MAKE_MODEL = REPO.parent / "shared" / "bench" / "make_model.py"
-
-
-def ensure_model(path: Path, preset: str) -> Path:
-    if (path / "config.json").exists():
-        return path
-    if not MAKE_MODEL.exists():
-        sys.exit(f"no checkpoint at {path} and no {MAKE_MODEL} to make one: pass --model DIR")
-    print(f"making a random {preset} checkpoint in {path} ...", flush=True)
-    subprocess.run([sys.executable, str(MAKE_MODEL), str(path), "--preset", preset], check=True)
-    return path
+from _common import DEFAULT_MODEL, ensure_model, time_llm_generate
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     # Skip the low ids (special tokens live there in these tokenizers).
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(num)]
-
-
-def run_quire(model: Path, prompts: list[list[int]], output_len: int, max_num_seqs: int) -> tuple[float, int]:
-    from quire import LLM, SamplingParams
-
-    llm = LLM(str(model), dtype="float32", max_num_seqs=max_num_seqs, show_progress=False)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(r.outputs[0].token_ids) for r in results)
-    return elapsed, tokens
 
 
 def run_transformers(model: Path, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
@@ -80,7 +55,7 @@ def run_transformers(model: Path, prompts: list[list[int]], output_len: int) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=REPO / "bench-models" / "smollm2-135m")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
@@ -108,7 +83,7 @@ def main() -> int:
         flush=True,
     )
 
-    q_time, q_tokens = run_quire(model, prompts, a.output_len, a.max_num_seqs)
+    q_time, q_tokens = time_llm_generate(model, prompts, a.output_len, a.max_num_seqs)
     q_tps = q_tokens / q_time
     print(
         f"quire LLM.generate:            {q_tokens} tokens in {q_time:7.1f} s = {q_tps:8.1f} output tok/s",

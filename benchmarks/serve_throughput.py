@@ -27,20 +27,10 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_BENCH = REPO.parent / "shared" / "bench"
+from _common import DEFAULT_MODEL, REPO, SHARED_BENCH, ensure_model, time_llm_generate
+
 LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 SERVED_NAME = "bench"
-
-
-def ensure_model(path: Path, preset: str) -> Path:
-    if (path / "config.json").exists():
-        return path
-    print(f"making a random {preset} checkpoint in {path} ...", flush=True)
-    subprocess.run(
-        [sys.executable, str(SHARED_BENCH / "make_model.py"), str(path), "--preset", preset], check=True
-    )
-    return path
 
 
 def load_loadgen() -> ModuleType:
@@ -88,24 +78,9 @@ def run_loadgen(url: str, a: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def run_offline(
-    model: Path, prompts: list[list[int]], output_len: int, max_num_seqs: int
-) -> tuple[float, int]:
-    from quire import LLM, SamplingParams
-
-    llm = LLM(str(model), dtype="float32", max_num_seqs=max_num_seqs, show_progress=False)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    warm = [{"prompt_token_ids": [p + 1 for p in prompt]} for prompt in prompts[: min(4, len(prompts))]]
-    llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True))  # distinct prompts: no cache hits later
-    start = time.perf_counter()
-    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    elapsed = time.perf_counter() - start
-    return elapsed, sum(len(r.outputs[0].token_ids) for r in results)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=REPO / "bench-models" / "smollm2-135m")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
@@ -136,7 +111,7 @@ def main() -> int:
     top = len(levels) - 1
     vocab_hi = 20000  # loadgen's default token-id range
     prompts = loadgen.workload(a.num_requests, a.input_len, 1000, vocab_hi, a.seed + top, 0)
-    offline_s, offline_tokens = run_offline(model, prompts, a.output_len, levels[top])
+    offline_s, offline_tokens = time_llm_generate(model, prompts, a.output_len, levels[top])
     offline_tps = offline_tokens / offline_s
 
     cols = ("concurrency", "ok", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")

@@ -1,0 +1,43 @@
+"""Pieces the benchmark scripts share: the checkpoint they run on, and a timed LLM.generate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCH = REPO.parent / "shared" / "bench"
+DEFAULT_MODEL = REPO / "bench-models" / "smollm2-135m"
+
+
+def ensure_model(path: Path, preset: str) -> Path:
+    """The checkpoint at ``path``, made with ../shared/bench/make_model.py if it is not there yet."""
+    if (path / "config.json").exists():
+        return path
+    make_model = SHARED_BENCH / "make_model.py"
+    if not make_model.exists():
+        sys.exit(f"no checkpoint at {path} and no {make_model} to make one: pass --model DIR")
+    print(f"making a random {preset} checkpoint in {path} ...", flush=True)
+    subprocess.run([sys.executable, str(make_model), str(path), "--preset", preset], check=True)
+    return path
+
+
+def time_llm_generate(
+    model: Path, prompts: list[list[int]], output_len: int, max_num_seqs: int
+) -> tuple[float, int]:
+    """Seconds and output tokens for ``prompts`` through ``LLM.generate`` (fp32, greedy, EOS ignored).
+
+    The warm-up uses shifted copies of the first prompts, so no measured prompt is already in the
+    prefix cache when the clock starts."""
+    from quire import LLM, SamplingParams
+
+    llm = LLM(str(model), dtype="float32", max_num_seqs=max_num_seqs, show_progress=False)
+    warm = [{"prompt_token_ids": [t + 1 for t in prompt]} for prompt in prompts[:4]]
+    llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True))
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(r.outputs[0].token_ids) for r in results)
