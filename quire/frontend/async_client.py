@@ -171,8 +171,11 @@ class EngineClient(abc.ABC):
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def add_request(self, processed: ProcessedPrompt, request: EngineCoreRequest) -> RequestStream:
-        """Send an already-processed request to the engine; its deltas arrive on the stream."""
+    def add_request(
+        self, processed: ProcessedPrompt, request: EngineCoreRequest, kind: OutputKind = OutputKind.DELTA
+    ) -> RequestStream:
+        """Send an already-processed request to the engine; its deltas arrive on the stream
+        (``OutputKind.FINAL_ONLY``: one output when it finishes, nothing built per step before)."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         if not self._ready or self.output_processor is None:
@@ -186,7 +189,7 @@ class EngineClient(abc.ABC):
             processed.token_ids,
             params,
             request.arrival_time,
-            OutputKind.DELTA,
+            kind,
         )
         stream = RequestStream(request.request_id, params.n)
         self._streams[request.request_id] = stream

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from quire.frontend.async_client import EngineDeadError, RequestStream
 from quire.frontend.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from quire.frontend.output_processor import OutputKind
 from quire.sampling import RequestMetrics, RequestOutput, SamplingParams
 from quire.server.auth import Tenant
 from quire.server.errors import APIError
@@ -242,7 +243,9 @@ def submit(
     jobs: list[Job] = []
     try:
         for index, (processed, request) in enumerate(requests):
-            stream = client.add_request(processed, request)
+            # A non-streaming response needs only the finished text: no per-step deltas.
+            kind = OutputKind.DELTA if streaming else OutputKind.FINAL_ONLY
+            stream = client.add_request(processed, request, kind)
             jobs.append(Job(index, request.request_id, processed, stream, request.arrival_time))
     except BaseException:
         for job in jobs:
