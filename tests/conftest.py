@@ -26,7 +26,8 @@ _LLAMA3_SCALING = {
 # Variant name -> build_random_checkpoint arguments. Together they cover every config flag the
 # model reads: GQA, tied/untied embeddings, q/k/v/o biases (Llama flag and Qwen2's fixed q/k/v
 # bias), Qwen3 q/k norm with head_dim != hidden/heads, default/linear/llama3 RoPE in both the
-# transformers-4 and -5 spellings, Mistral's recorded sliding window, and a sharded checkpoint.
+# transformers-4 and -5 spellings, Mistral's recorded sliding window, a sharded checkpoint, and
+# weights stored in bf16.
 TINY_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     "llama": {},
     "llama-llama3": {"rope_scaling": _LLAMA3_SCALING, "rope_format": "rope_parameters"},
@@ -36,6 +37,8 @@ TINY_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     "mistral": {"tie_word_embeddings": False, "num_kv_heads": 1},
     "qwen2": {"rope_theta": 1000000.0},
     "qwen3": {"head_dim": 32},
+    # Stored in bf16 (computed in fp32): the CPU fast path's bf16-weight kernel takes these.
+    "qwen2-bf16": {"dtype": "bfloat16", "tie_word_embeddings": False},
 }
 
 

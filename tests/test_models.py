@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from quire.kernels.cpu_ops import cpu_ops
 from quire.models.demo import CHAT_TEMPLATE, IM_END, build_tokenizer, default_demo_checkpoint
 from quire.models.hf_config import ModelArchConfig
 from quire.models.loader import load_model, resolve_dtype
 from quire.models.registry import resolve_model_class, supported_architectures
-from quire.worker.attention import TorchPagedAttention, get_attention_backend
+from quire.worker.attention import CpuPagedAttention, TorchPagedAttention, get_attention_backend
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
 from quire.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 
@@ -423,10 +424,11 @@ def _naive_attention(
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize(
     ("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)]
 )
-def test_paged_attention_matches_naive(dtype: torch.dtype, atol: float) -> None:
+def test_paged_attention_matches_naive(dtype: torch.dtype, atol: float, backend: str) -> None:
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim, block_size = 8, 2, 16, 4
     # (cached tokens before this step, new tokens this step): three decodes, then a fresh prefill,
@@ -452,7 +454,7 @@ def test_paged_attention_matches_naive(dtype: torch.dtype, atol: float) -> None:
     k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
 
-    out = get_attention_backend("cpu").forward(q, k, v, k_cache, v_cache, meta, head_dim**-0.5)
+    out = get_attention_backend(backend).forward(q, k, v, k_cache, v_cache, meta, head_dim**-0.5)
 
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[meta.slot_mapping], k)
@@ -466,9 +468,71 @@ def test_paged_attention_matches_naive(dtype: torch.dtype, atol: float) -> None:
         row += new
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the CPU kernels")
+def test_cpu_kernels_build() -> None:
+    # Everything else falls back silently without them, so a broken build must fail here.
+    assert cpu_ops() is not None
+
+
+def test_cpu_decode_kernel_matches_torch_on_ragged_batches() -> None:
+    """Many sequences of ragged lengths over shuffled blocks, GQA groups of 1, 3 and 4."""
+    if cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(1)
+    for heads, kv_heads, head_dim, block_size in [(4, 4, 16, 4), (9, 3, 64, 16), (8, 2, 24, 8)]:
+        num_blocks, num_seqs = 200, 12
+        k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+        v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+        seq_lens = torch.randint(1, 7 * block_size, (num_seqs,), generator=gen)
+        max_blocks = int((seq_lens.max() + block_size - 1) // block_size)
+        tables = torch.randperm(num_blocks, generator=gen)[: num_seqs * max_blocks].view(num_seqs, max_blocks)
+        q = torch.randn(num_seqs, heads, head_dim, generator=gen)
+        meta = AttentionMetadata(torch.empty(0, dtype=torch.long), num_seqs, tables, seq_lens, (), block_size)
+        expected = TorchPagedAttention._decode(q, k_cache, v_cache, meta, 0.3)
+        got = CpuPagedAttention._decode(q, k_cache, v_cache, meta, 0.3)
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_cpu_decode_kernel_rejects_bad_block_tables() -> None:
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU kernels unavailable")
+    k_cache = torch.zeros(4, 2, 1, 8)
+    q, out = torch.zeros(1, 1, 8), torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ops.paged_decode_attention(out, q, k_cache, k_cache, torch.tensor([[7]]), torch.tensor([2]), 1.0)
+    with pytest.raises(RuntimeError, match="sequence length out of range"):
+        ops.paged_decode_attention(out, q, k_cache, k_cache, torch.tensor([[1]]), torch.tensor([3]), 1.0)
+
+
+def test_cpu_fast_path_matches_plain_torch(
+    tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU-prepared weights (oneDNN packed, and bf16 copies for few-row products) and the decode
+    kernel against plain ATen matmuls and the torch backend. The schedule's decode steps have 2-3
+    rows (bf16-weight kernel) and its prefill steps more than 4 (oneDNN)."""
+    model_dir = tiny_model_dir("qwen2-bf16")
+    fast = load_model(model_dir, torch.float32, "cpu", progress=False)
+    monkeypatch.setenv("QUIRE_CPU_KERNELS", "0")
+    plain = load_model(
+        model_dir, torch.float32, "cpu", progress=False, attention_backend=TorchPagedAttention()
+    )
+    if fast.cpu_lm_head is None or cpu_ops() is None:
+        pytest.skip("oneDNN packed linear or the CPU kernels unavailable")
+    assert plain.cpu_lm_head is None
+    assert (
+        fast.cpu_lm_head.bf16 is not None and fast.model.layers[0].mlp.down_proj.cpu_weight.bf16 is not None
+    )
+    seqs = _random_seqs(fast.config.vocab_size, [9, 15, 21])
+    fast_logits, plain_logits = _run_schedule(fast, seqs), _run_schedule(plain, seqs)
+    assert fast_logits.keys() == plain_logits.keys()
+    for key, logit in fast_logits.items():
+        torch.testing.assert_close(logit, plain_logits[key], atol=1e-4, rtol=1e-5)
+
+
 def test_attention_backend_registry() -> None:
     assert isinstance(get_attention_backend("torch"), TorchPagedAttention)
-    assert isinstance(get_attention_backend(torch.device("cpu")), TorchPagedAttention)
+    assert isinstance(get_attention_backend(torch.device("cpu")), CpuPagedAttention)
     with pytest.raises(ValueError, match="unknown attention backend or device 'tpu-magic'"):
         get_attention_backend("tpu-magic")
 
@@ -548,7 +612,9 @@ def test_default_demo_checkpoint_builds_once(tmp_path: Path, monkeypatch: pytest
 def test_cpu_lm_head_slices_match_one_gemm(tiny_model_dir: Callable[[str], Path], monkeypatch) -> None:
     import quire.models.llama as llama
 
+    monkeypatch.setenv("QUIRE_CPU_KERNELS", "0")  # the sliced path is the one without packed weights
     model = load_model(tiny_model_dir("llama-untied-bias"), torch.float32, "cpu", progress=False)
+    assert model.cpu_lm_head is None
     hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     whole = torch.nn.functional.linear(hidden, model.lm_head.weight)
     monkeypatch.setattr(llama, "_CPU_VOCAB_SLICE", 100)  # 512-token vocab: 5 full slices and a ragged one

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quire.models.cpu_linear import CpuLinearWeight, cpu_fast_linear_available, linear
 from quire.models.hf_config import ModelArchConfig, RopeScaling
 from quire.models.loader import WeightSlot
 from quire.models.registry import register_model
@@ -29,6 +30,7 @@ _IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 # On CPU the LM head runs in vocabulary slices of this many rows: a [tokens, 2048] output tile
 # stays in cache, and the whole product measured 1.2-1.5x faster than one [tokens, vocab] GEMM
 # (smollm2-135m shapes, 1-128 tokens, bit-identical results). GPUs keep the single GEMM.
+# Only used where CPU-prepared weights (quire.models.cpu_linear) are not.
 _CPU_VOCAB_SLICE = 2048
 
 
@@ -52,12 +54,19 @@ class Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.shards = shards
+        self.in_features = in_features
         out_features = sum(shards.values())
         self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
+        self.cpu_weight: CpuLinearWeight | None = None
+
+    def prepare_for_cpu(self) -> None:
+        """Switch to CPU-prepared weights and release the dense copy's memory."""
+        self.cpu_weight = CpuLinearWeight(self.weight)
+        self.weight.data = self.weight.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.cpu_weight)
 
 
 class VocabMatrix(nn.Module):
@@ -281,6 +290,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: VocabMatrix | None = None
         if not config.tie_word_embeddings:
             self.lm_head = VocabMatrix(config.vocab_size, config.hidden_size, dtype, device)
+        self.cpu_lm_head: CpuLinearWeight | None = None
+
+    def prepare_for_inference(self) -> None:
+        """Called once the weights are loaded: on CPU in fp32, every matmul moves to CPU-prepared
+        weights (``quire.models.cpu_linear``). Off with ``QUIRE_CPU_KERNELS=0``."""
+        if not cpu_fast_linear_available(self._output_weight()):
+            return
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_for_cpu()
+        # The embedding keeps its dense matrix for lookups; the LM head gets prepared copies.
+        self.cpu_lm_head = CpuLinearWeight(self._output_weight())
+
+    def _output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,
@@ -303,7 +327,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[S, hidden] -> [S, vocab]`` float32 logits (call it on the rows you sample from)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.cpu_lm_head is not None:
+            return self.cpu_lm_head(hidden_states)
+        weight = self._output_weight()
         vocab = weight.shape[0]
         if hidden_states.device.type != "cpu" or vocab <= _CPU_VOCAB_SLICE:
             return F.linear(hidden_states, weight).float()
@@ -340,9 +366,7 @@ def _linear_layout(module_name: str, module: Linear) -> dict[str, WeightSlot]:
     start = 0
     for shard, rows in module.shards.items():
         prefix = f"{parent}.{shard}"
-        layout[f"{prefix}.weight"] = WeightSlot(
-            f"{module_name}.weight", start, (rows, module.weight.shape[1])
-        )
+        layout[f"{prefix}.weight"] = WeightSlot(f"{module_name}.weight", start, (rows, module.in_features))
         if module.bias is not None:
             layout[f"{prefix}.bias"] = WeightSlot(f"{module_name}.bias", start, (rows,))
         start += rows

@@ -147,6 +147,8 @@ def load_model(
         max_positions=max_positions,
     )
     load_weights(model, files, progress=progress)
+    if hasattr(model, "prepare_for_inference"):
+        model.prepare_for_inference()
     return model.eval()
 
 

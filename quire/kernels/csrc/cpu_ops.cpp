@@ -1,0 +1,319 @@
+// CPU kernels for quire's hot path, compiled on first use by quire/kernels/cpu_ops.py.
+//
+// paged_decode_attention: single-token decode attention that reads K/V straight out of the
+// paged cache ([num_blocks, block_size, kv_heads, head_dim]) through each sequence's block
+// table. The pure-torch path must first gather every sequence's whole context into a padded
+// copy and then run SDPA over it; here each K/V row is read once, in place.
+//
+// Work is split over (sequence, kv head) pairs; the `group` query heads that share a KV head are
+// handled together so each cached row is loaded once for all of them. Accumulation is fp32.
+//
+// bf16_weight_linear: y = x W^T (+ b) for a few rows of fp32 x against a weight stored in bf16 and
+// widened to fp32 in registers. With one to a few tokens per step a linear layer is bound by
+// reading its weight from memory, so half the bytes is close to half the time. The arithmetic is
+// fp32 throughout; used only for weights that bf16 represents exactly (checked by the caller), it
+// computes the same products as the fp32 weight would.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QUIRE_AVX2 1
+#endif
+
+namespace {
+
+#ifdef QUIRE_AVX2
+inline float horizontal_sum(__m256 v) {
+  __m128 low = _mm256_castps256_ps128(v);
+  __m128 high = _mm256_extractf128_ps(v, 1);
+  low = _mm_add_ps(low, high);
+  low = _mm_add_ps(low, _mm_movehl_ps(low, low));
+  low = _mm_add_ss(low, _mm_shuffle_ps(low, low, 0x55));
+  return _mm_cvtss_f32(low);
+}
+
+// e^x for x <= 0 (softmax inputs after subtracting the max): range reduction to
+// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, then scaling by 2^n built
+// in the exponent bits. Relative error is a few ulp; inputs below -87 flush to 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 min_x = _mm256_set1_ps(-87.0f);
+  const __m256 below = _mm256_cmp_ps(x, min_x, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, min_x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, with ln2 split in two so the product is exact enough.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+  return _mm256_andnot_ps(below, result);
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#ifdef QUIRE_AVX2
+  __m256 acc0 = _mm256_setzero_ps();
+  __m256 acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += alpha * x
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef QUIRE_AVX2
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// scores[i] = exp(scores[i] - max); returns the sum.
+inline float exp_and_sum(float* scores, int64_t n, float max) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#ifdef QUIRE_AVX2
+  const __m256 m = _mm256_set1_ps(max);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + i), m));
+    _mm256_storeu_ps(scores + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = horizontal_sum(acc);
+#endif
+  for (; i < n; ++i) {
+    scores[i] = std::exp(scores[i] - max);
+    sum += scores[i];
+  }
+  return sum;
+}
+
+void check_inputs(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                  const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                  const torch::Tensor& seq_lens) {
+  for (const torch::Tensor* t : {&out, &q, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "paged_decode_attention: tensors must be contiguous float32 on CPU");
+  }
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() &&
+                  block_tables.dim() == 2,
+              "block_tables must be a contiguous int64 [num_seqs, max_blocks] tensor");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kInt64 && seq_lens.is_contiguous() && seq_lens.dim() == 1,
+              "seq_lens must be a contiguous int64 [num_seqs] tensor");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [num_seqs, num_heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "caches must be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.size(3) == q.size(2), "head_dim of q and the caches differ");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0),
+              "one block table row and one length per sequence");
+}
+
+}  // namespace
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+  check_inputs(out, q, k_cache, v_cache, block_tables, seq_lens);
+  const int64_t num_seqs = q.size(0);
+  const int64_t num_heads = q.size(1);
+  const int64_t head_dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0);
+  const int64_t block_size = k_cache.size(1);
+  const int64_t num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t block_stride = block_size * token_stride;
+
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size,
+                "sequence length out of range of its block table");
+    for (int64_t j = 0; j < (lens[s] + block_size - 1) / block_size; ++j) {
+      const int64_t block = tables[s * max_blocks + j];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of range");
+    }
+  }
+  const float* q_data = q.data_ptr<float>();
+  const float* k_data = k_cache.data_ptr<float>();
+  const float* v_data = v_cache.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;  // [group, len] for the current work item
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads;
+      const int64_t kv_head = item % num_kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t* table = tables + seq * max_blocks;
+      const float* q_rows = q_data + (seq * num_heads + kv_head * group) * head_dim;
+      float* out_rows = out_data + (seq * num_heads + kv_head * group) * head_dim;
+      scores.resize(static_cast<size_t>(group * len));
+
+      // Scores: every cached key against the group's queries.
+      for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = std::min(block_size, len - start);
+        const float* keys = k_data + table[start / block_size] * block_stride + kv_head * head_dim;
+        for (int64_t t = 0; t < n; ++t) {
+          const float* key = keys + t * token_stride;
+          for (int64_t g = 0; g < group; ++g) {
+            scores[g * len + start + t] = dot(q_rows + g * head_dim, key, head_dim) * softmax_scale;
+          }
+        }
+      }
+      // Softmax per query head; the normaliser is folded into the value weights below.
+      std::vector<float> inverse_sums(static_cast<size_t>(group));
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * len;
+        const float max = *std::max_element(row, row + len);
+        inverse_sums[g] = 1.0f / exp_and_sum(row, len, max);
+      }
+      // Weighted sum of the cached values.
+      std::fill(out_rows, out_rows + group * head_dim, 0.0f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = std::min(block_size, len - start);
+        const float* values = v_data + table[start / block_size] * block_stride + kv_head * head_dim;
+        for (int64_t t = 0; t < n; ++t) {
+          const float* value = values + t * token_stride;
+          for (int64_t g = 0; g < group; ++g) {
+            axpy(scores[g * len + start + t] * inverse_sums[g], value, out_rows + g * head_dim, head_dim);
+          }
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+#ifdef QUIRE_AVX2
+// 8 bf16 values widened to fp32: bf16 is the top half of an fp32 bit pattern.
+inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
+
+constexpr int64_t kMaxBf16Rows = 8;
+
+// out[m, n] = sum_k x[m, k] * w[n, k] for rows m < rows (<= kMaxBf16Rows), one output column n.
+template <int64_t kRows>
+inline void bf16_column(const float* x, int64_t x_stride, const uint16_t* w, int64_t k_dim, float* sums) {
+  int64_t k = 0;
+#ifdef QUIRE_AVX2
+  __m256 acc[kRows];
+  for (int64_t m = 0; m < kRows; ++m) acc[m] = _mm256_setzero_ps();
+  for (; k + 8 <= k_dim; k += 8) {
+    const __m256 wv = load_bf16x8(w + k);
+    for (int64_t m = 0; m < kRows; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * x_stride + k), wv, acc[m]);
+  }
+  for (int64_t m = 0; m < kRows; ++m) sums[m] = horizontal_sum(acc[m]);
+#else
+  for (int64_t m = 0; m < kRows; ++m) sums[m] = 0.0f;
+#endif
+  for (; k < k_dim; ++k) {
+    const float wk = bf16_to_float(w[k]);
+    for (int64_t m = 0; m < kRows; ++m) sums[m] += x[m * x_stride + k] * wk;
+  }
+}
+
+// One output column of up to kMaxBf16Rows rows, dispatched on the row count at run time.
+inline void bf16_column_any(const float* x, int64_t k_dim, const uint16_t* w, int64_t rows, float* sums) {
+  switch (rows) {
+    case 1: bf16_column<1>(x, k_dim, w, k_dim, sums); break;
+    case 2: bf16_column<2>(x, k_dim, w, k_dim, sums); break;
+    case 3: bf16_column<3>(x, k_dim, w, k_dim, sums); break;
+    case 4: bf16_column<4>(x, k_dim, w, k_dim, sums); break;
+    case 5: bf16_column<5>(x, k_dim, w, k_dim, sums); break;
+    case 6: bf16_column<6>(x, k_dim, w, k_dim, sums); break;
+    case 7: bf16_column<7>(x, k_dim, w, k_dim, sums); break;
+    default: bf16_column<8>(x, k_dim, w, k_dim, sums); break;
+  }
+}
+
+// Threads split the output columns. Each weight row is read from memory once and then stays in
+// L1 while every chunk of 8 input rows (kept in L2) is multiplied against it.
+void bf16_linear_rows(const float* x, int64_t rows, int64_t k_dim, const uint16_t* w, const float* bias,
+                      float* out, int64_t n_dim) {
+  at::parallel_for(0, n_dim, 16, [&](int64_t begin, int64_t end) {
+    float sums[kMaxBf16Rows];
+    for (int64_t n = begin; n < end; ++n) {
+      const float b = bias == nullptr ? 0.0f : bias[n];
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxBf16Rows) {
+        const int64_t chunk = std::min(kMaxBf16Rows, rows - m0);
+        bf16_column_any(x + m0 * k_dim, k_dim, w + n * k_dim, chunk, sums);
+        for (int64_t m = 0; m < chunk; ++m) out[(m0 + m) * n_dim + n] = sums[m] + b;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor bf16_weight_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 [rows, in_features] CPU tensor");
+  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be a contiguous bfloat16 [out_features, in_features] tensor");
+  TORCH_CHECK(weight.size(1) == x.size(1), "in_features of x and weight differ");
+  const int64_t rows = x.size(0), k_dim = x.size(1), n_dim = weight.size(0);
+  const float* bias_data = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n_dim,
+                "bias must be a contiguous float32 [out_features] tensor");
+    bias_data = bias->data_ptr<float>();
+  }
+  torch::Tensor out = torch::empty({rows, n_dim}, x.options());
+  const float* x_data = x.data_ptr<float>();
+  const uint16_t* w_data = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  float* out_data = out.data_ptr<float>();
+  if (rows > 0) bf16_linear_rows(x_data, rows, k_dim, w_data, bias_data, out_data, n_dim);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_weight_linear", &bf16_weight_linear, "x W^T (+ b) with W stored in bf16, computed in fp32 (CPU)",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Decode attention over a paged KV cache, in place (fp32, CPU)");
+}
