@@ -42,6 +42,15 @@ TINY_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Build (or load from torch's cache) the compiled CPU kernels once, up front: the first build
+    # takes about a minute, which would otherwise land inside whichever test, or server
+    # subprocess waiting to become healthy, happened to load a model first.
+    from quire.kernels.cpu_ops import cpu_ops
+
+    cpu_ops()
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "tiny_variant" in metafunc.fixturenames:
         metafunc.parametrize("tiny_variant", list(TINY_MODEL_VARIANTS))

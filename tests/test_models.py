@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from quire.kernels.cpu_ops import cpu_ops
@@ -491,6 +492,28 @@ def test_cpu_decode_kernel_matches_torch_on_ragged_batches() -> None:
         expected = TorchPagedAttention._decode(q, k_cache, v_cache, meta, 0.3)
         got = CpuPagedAttention._decode(q, k_cache, v_cache, meta, 0.3)
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_cpu_fused_elementwise_kernels_match_torch() -> None:
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(2)
+    for tokens, dim in [(1, 64), (7, 576), (33, 13)]:  # 13: the non-vectorised tail on its own
+        gate_up = torch.randn(tokens, 2 * dim, generator=gen) * 6  # well into both tails of silu
+        gate_up[0, :3] = torch.tensor([-100.0, 0.0, 100.0])
+        gate, up = gate_up.split(dim, dim=-1)
+        torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+        x, residual = torch.randn(tokens, dim, generator=gen), torch.randn(tokens, dim, generator=gen)
+        weight = torch.rand(dim, generator=gen) + 0.5
+        expected_residual = x + residual
+        expected = weight * (
+            expected_residual * torch.rsqrt(expected_residual.pow(2).mean(-1, keepdim=True) + 1e-6)
+        )
+        ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+        torch.testing.assert_close(residual, expected_residual, atol=0, rtol=0)
+        torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_decode_kernel_rejects_bad_block_tables() -> None:

@@ -12,11 +12,13 @@ faster on CPU); ``checkpoint_layout`` tells the loader where each Hugging Face t
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quire.kernels.cpu_ops import cpu_ops
 from quire.models.cpu_linear import CpuLinearWeight, cpu_fast_linear_available, linear
 from quire.models.hf_config import ModelArchConfig, RopeScaling
 from quire.models.loader import WeightSlot
@@ -84,6 +86,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _empty(dim, dtype=dtype, device=device)
+        # The compiled CPU kernels, set by LlamaForCausalLM.prepare_for_inference where they apply.
+        self.cpu_ops: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -92,7 +96,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``norm(x + residual)`` and the new residual ``x + residual``."""
+        """``norm(x + residual)`` and the new residual ``x + residual``.
+
+        The compiled kernel works in place: both inputs are this layer's own intermediates."""
+        if self.cpu_ops is not None and x.is_contiguous() and residual.is_contiguous() and x.dim() == 2:
+            self.cpu_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
         residual = x + residual
         return self.forward(residual), residual
 
@@ -205,9 +214,13 @@ class MLP(nn.Module):
             config.hidden_size, {"gate_proj": inter, "up_proj": inter}, config.mlp_bias, dtype, device
         )
         self.down_proj = Linear(inter, {"down_proj": config.hidden_size}, config.mlp_bias, dtype, device)
+        self.cpu_ops: ModuleType | None = None  # see RMSNorm.cpu_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.cpu_ops is not None and gate_up.is_contiguous():
+            return self.down_proj(self.cpu_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -302,6 +315,10 @@ class LlamaForCausalLM(nn.Module):
                 module.prepare_for_cpu()
         # The embedding keeps its dense matrix for lookups; the LM head gets prepared copies.
         self.cpu_lm_head = CpuLinearWeight(self._output_weight())
+        ops = cpu_ops()
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP)):
+                module.cpu_ops = ops
 
     def _output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

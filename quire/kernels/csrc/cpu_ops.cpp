@@ -86,18 +86,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// y += alpha * x
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-#ifdef QUIRE_AVX2
-  const __m256 a = _mm256_set1_ps(alpha);
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  }
-#endif
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
 // scores[i] = exp(scores[i] - max); returns the sum.
 inline float exp_and_sum(float* scores, int64_t n, float max) {
   int64_t i = 0;
@@ -117,6 +105,44 @@ inline float exp_and_sum(float* scores, int64_t n, float max) {
     sum += scores[i];
   }
   return sum;
+}
+
+constexpr int64_t kValueSlice = 64;
+
+// out[0:width] = scale * sum_t weights[t] * V[t][0:width], V read through the block table.
+// width <= kValueSlice.
+inline void weighted_value_sum(const float* v_base, const int64_t* table, int64_t block_size,
+                               int64_t block_stride, int64_t token_stride, const float* weights, int64_t len,
+                               float scale, int64_t width, float* out) {
+#ifdef QUIRE_AVX2
+  if (width == kValueSlice) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t start = 0; start < len; start += block_size) {
+      const int64_t n = std::min(block_size, len - start);
+      const float* values = v_base + table[start / block_size] * block_stride;
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 w = _mm256_set1_ps(weights[start + t]);
+        const float* value = values + t * token_stride;
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), acc[i]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], s));
+    return;
+  }
+#endif
+  float acc[kValueSlice] = {0.0f};
+  for (int64_t start = 0; start < len; start += block_size) {
+    const int64_t n = std::min(block_size, len - start);
+    const float* values = v_base + table[start / block_size] * block_stride;
+    for (int64_t t = 0; t < n; ++t) {
+      const float w = weights[start + t];
+      const float* value = values + t * token_stride;
+      for (int64_t d = 0; d < width; ++d) acc[d] += w * value[d];
+    }
+  }
+  for (int64_t d = 0; d < width; ++d) out[d] = acc[d] * scale;
 }
 
 void check_inputs(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -201,16 +227,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
         const float max = *std::max_element(row, row + len);
         inverse_sums[g] = 1.0f / exp_and_sum(row, len, max);
       }
-      // Weighted sum of the cached values.
-      std::fill(out_rows, out_rows + group * head_dim, 0.0f);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = std::min(block_size, len - start);
-        const float* values = v_data + table[start / block_size] * block_stride + kv_head * head_dim;
-        for (int64_t t = 0; t < n; ++t) {
-          const float* value = values + t * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            axpy(scores[g * len + start + t] * inverse_sums[g], value, out_rows + g * head_dim, head_dim);
-          }
+      // Weighted sum of the cached values, per query head and per 64-wide slice of head_dim so
+      // the running sums stay in registers (no load/store of the output per cached row).
+      for (int64_t g = 0; g < group; ++g) {
+        const float* weights = scores.data() + g * len;
+        for (int64_t d0 = 0; d0 < head_dim; d0 += kValueSlice) {
+          const int64_t width = std::min(kValueSlice, head_dim - d0);
+          weighted_value_sum(v_data + kv_head * head_dim + d0, table, block_size, block_stride, token_stride,
+                             weights, len, inverse_sums[g], width, out_rows + g * head_dim + d0);
         }
       }
     }
@@ -311,7 +335,106 @@ torch::Tensor bf16_weight_linear(torch::Tensor x, torch::Tensor weight, c10::opt
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused elementwise steps of a decoder layer: one pass over the data instead of one per torch op,
+// and no temporaries. Both are row-parallel over tokens.
+
+namespace {
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 2 && t.is_contiguous(),
+              name, " must be a contiguous float32 [tokens, features] CPU tensor");
+}
+
+#ifdef QUIRE_AVX2
+// x * sigmoid(x) = x / (1 + e^-x), with the exponential only ever taken of -|x|.
+inline __m256 silu8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 negative_abs = _mm256_or_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 e = exp_nonpositive(negative_abs);  // e^-|x|
+  const __m256 sigmoid_pos = _mm256_div_ps(one, _mm256_add_ps(one, e));
+  const __m256 sigmoid_neg = _mm256_div_ps(e, _mm256_add_ps(one, e));
+  const __m256 is_negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+  return _mm256_mul_ps(x, _mm256_blendv_ps(sigmoid_pos, sigmoid_neg, is_negative));
+}
+#endif
+
+inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
+
+}  // namespace
+
+// residual <- x + residual; x <- rmsnorm(residual) * weight (fp32 statistics, like the reference).
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual shapes differ");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.numel() == x.size(1),
+              "weight must be a contiguous float32 [features] tensor");
+  const int64_t tokens = x.size(0), dim = x.size(1);
+  float* x_data = x.data_ptr<float>();
+  float* r_data = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* xr = x_data + row * dim;
+      float* rr = r_data + row * dim;
+      int64_t i = 0;
+      float sum_sq = 0.0f;
+#ifdef QUIRE_AVX2
+      __m256 acc = _mm256_setzero_ps();
+      for (; i + 8 <= dim; i += 8) {
+        const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(rr + i));
+        _mm256_storeu_ps(rr + i, v);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      sum_sq = horizontal_sum(acc);
+#endif
+      for (; i < dim; ++i) {
+        rr[i] += xr[i];
+        sum_sq += rr[i] * rr[i];
+      }
+      const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(dim) + epsilon);
+      i = 0;
+#ifdef QUIRE_AVX2
+      const __m256 inv8 = _mm256_set1_ps(inv);
+      for (; i + 8 <= dim; i += 8) {
+        _mm256_storeu_ps(xr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(rr + i), inv8)));
+      }
+#endif
+      for (; i < dim; ++i) xr[i] = w[i] * (rr[i] * inv);
+    }
+  });
+}
+
+// [tokens, 2 * inter] (gate | up) -> silu(gate) * up, [tokens, inter].
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
+  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
+  torch::Tensor out = torch::empty({tokens, inter}, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* gate = in + row * 2 * inter;
+      const float* up = gate + inter;
+      float* dst = o + row * inter;
+      int64_t i = 0;
+#ifdef QUIRE_AVX2
+      for (; i + 8 <= inter; i += 8) {
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < inter; ++i) dst[i] = silu1(gate[i]) * up[i];
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "in place: residual += x; x = rmsnorm(residual) * weight");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a [tokens, 2 * inter] gate|up tensor");
   m.def("bf16_weight_linear", &bf16_weight_linear, "x W^T (+ b) with W stored in bf16, computed in fp32 (CPU)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention,
