@@ -310,15 +310,14 @@ class LlamaForCausalLM(nn.Module):
         weights (``quire.models.cpu_linear``). Off with ``QUIRE_CPU_KERNELS=0``."""
         if not cpu_fast_linear_available(self._output_weight()):
             return
+        ops = cpu_ops()
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare_for_cpu()
+            elif isinstance(module, (RMSNorm, MLP)):
+                module.cpu_ops = ops
         # The embedding keeps its dense matrix for lookups; the LM head gets prepared copies.
         self.cpu_lm_head = CpuLinearWeight(self._output_weight())
-        ops = cpu_ops()
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, MLP)):
-                module.cpu_ops = ops
 
     def _output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
