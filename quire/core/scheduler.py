@@ -44,6 +44,7 @@ class Scheduler:
         self._pending_children: dict[str, list[Request]] = {}
         self.num_preemptions_total = 0
         self._step_preemptions = 0
+        self._out_of_blocks = False  # this step: some allocation failed; admit nobody new
 
     # ----------------------------------------------------------------- requests in and out
 
@@ -111,8 +112,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self._step_preemptions = 0
+        self._out_of_blocks = False
         self._preempt_for_higher_priority()
-        out_of_blocks = False
         budget = self.config.max_num_batched_tokens
         num_tokens: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -123,9 +124,7 @@ class Scheduler:
             request = self.running[index]
             behind = len(self.running) - index - 1  # each still needs a token of budget
             want = min(request.num_tokens - request.num_computed_tokens, max(budget - behind, 1))
-            preempted_before = self._step_preemptions
             new_block_ids = self._allocate_or_preempt(request, want)
-            out_of_blocks = out_of_blocks or self._step_preemptions > preempted_before
             if new_block_ids is None:
                 break  # the request itself was the preemption victim, and it was last
             num_tokens[request.request_id] = want
@@ -133,7 +132,7 @@ class Scheduler:
             self._emit(request, new_block_ids, new_reqs, cached_reqs)
             index += 1
 
-        if not out_of_blocks:  # admitting now would only preempt again next step
+        if not self._out_of_blocks:  # admitting now would only preempt again next step
             budget = self._admit_waiting(budget, num_tokens, new_reqs, cached_reqs)
             if not num_tokens and self._release_waiting_blocks():
                 # Nothing could run: forked siblings waiting on shared prompt blocks were holding
@@ -150,11 +149,22 @@ class Scheduler:
         )
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> list[int] | None:
+        """Blocks for ``request``'s next tokens, preempting the worst running requests for room.
+
+        Returns None if ``request`` itself had to be preempted (it was the worst one running).
+        """
         while True:
             new_block_ids = self.kv.allocate_slots(request, num_new_tokens)
             if new_block_ids is not None:
                 return new_block_ids
+            self._out_of_blocks = True
             victim = self.running[-1]  # lowest priority, newest
+            if victim is request and len(self.running) == 1 and self._release_waiting_blocks():
+                # Progress guarantee: the only running request must never preempt itself. Alone
+                # it always fits the pool (``check_fits``), so what stands in its way is blocks
+                # parked by waiting forked siblings. Preempting it instead would free its blocks,
+                # readmit it for a chunk next step and preempt it again: a livelock.
+                continue
             self._preempt(victim)
             if victim is request:
                 return None
@@ -205,6 +215,8 @@ class Scheduler:
             self._preempt(self.running[-1])
 
     def _release_waiting_blocks(self) -> bool:
+        """Free the blocks parked by waiting requests (forked siblings of ``n > 1``); they
+        recompute their prompt when admitted, or find it in the prefix cache."""
         released = False
         for request in self.requests.values():
             if request.status == RequestStatus.WAITING and self.kv.num_blocks_of(request.request_id):
