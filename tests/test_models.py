@@ -494,6 +494,44 @@ def test_cpu_decode_kernel_matches_torch_on_ragged_batches() -> None:
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bf16_panels", [False, True])
+def test_cpu_packed_linear_matches_float64(bf16_panels: bool) -> None:
+    """The panel GEMM on shapes that hit every edge: rows across tile boundaries (1-6 row tiles,
+    passes of 48 rows), columns not a multiple of the 16-column panel, several K blocks, bias."""
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(3)
+    for out_features, in_features in [(37, 19), (64, 576), (21, 1000)]:
+        weight = torch.randn(out_features, in_features, generator=gen)
+        if bf16_panels:
+            weight = weight.bfloat16().float()
+        bias = torch.randn(out_features, generator=gen)
+        panels = ops.pack_weight_panels(weight, bf16_panels)
+        for rows in (1, 5, 7, 13, 32, 49, 130):
+            x = torch.randn(rows, in_features, generator=gen)
+            for b in (None, bias):
+                got = ops.packed_linear(x, panels, out_features, b)
+                want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+                torch.testing.assert_close(got.double(), want, atol=1e-4 * in_features**0.5, rtol=1e-5)
+    assert ops.packed_linear(torch.empty(0, 19), ops.pack_weight_panels(torch.ones(3, 19), False), 3).shape == (0, 3)
+
+
+def test_cpu_packed_linear_rejects_what_it_cannot_compute() -> None:
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU kernels unavailable")
+    with pytest.raises(RuntimeError, match="exactly a bf16"):
+        ops.pack_weight_panels(torch.full((4, 8), 1.0 + 2**-12), True)
+    panels = ops.pack_weight_panels(torch.ones(20, 8), False)
+    with pytest.raises(RuntimeError, match="in_features"):
+        ops.packed_linear(torch.ones(2, 9), panels, 20)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.packed_linear(torch.ones(2, 8), panels, 40)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.packed_linear(torch.ones(2, 8), panels, 20, torch.ones(19))
+
+
 def test_cpu_fused_elementwise_kernels_match_torch() -> None:
     ops = cpu_ops()
     if ops is None:
@@ -531,9 +569,8 @@ def test_cpu_decode_kernel_rejects_bad_block_tables() -> None:
 def test_cpu_fast_path_matches_plain_torch(
     tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CPU-prepared weights (oneDNN packed, and bf16 copies for few-row products) and the decode
-    kernel against plain ATen matmuls and the torch backend. The schedule's decode steps have 2-3
-    rows (bf16-weight kernel) and its prefill steps more than 4 (oneDNN)."""
+    """CPU-prepared weights (bf16 panels for the panel GEMM) and the decode kernel against plain
+    ATen matmuls and the torch backend, on decode steps of 2-3 rows and prefill steps of more."""
     model_dir = tiny_model_dir("qwen2-bf16")
     fast = load_model(model_dir, torch.float32, "cpu", progress=False)
     monkeypatch.setenv("QUIRE_CPU_KERNELS", "0")
@@ -541,11 +578,9 @@ def test_cpu_fast_path_matches_plain_torch(
         model_dir, torch.float32, "cpu", progress=False, attention_backend=TorchPagedAttention()
     )
     if fast.cpu_lm_head is None or cpu_ops() is None:
-        pytest.skip("oneDNN packed linear or the CPU kernels unavailable")
+        pytest.skip("the CPU kernels are unavailable")
     assert plain.cpu_lm_head is None
-    assert (
-        fast.cpu_lm_head.bf16 is not None and fast.model.layers[0].mlp.down_proj.cpu_weight.bf16 is not None
-    )
+    assert fast.cpu_lm_head.stores_bf16 and fast.model.layers[0].mlp.down_proj.cpu_weight.stores_bf16
     seqs = _random_seqs(fast.config.vocab_size, [9, 15, 21])
     fast_logits, plain_logits = _run_schedule(fast, seqs), _run_schedule(plain, seqs)
     assert fast_logits.keys() == plain_logits.keys()

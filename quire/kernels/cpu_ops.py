@@ -1,4 +1,4 @@
-"""The C++ CPU kernels in ``csrc/cpu_ops.cpp``, compiled on first use with the local compiler.
+"""The C++ CPU kernels in ``csrc/`` (``cpu_ops.cpp``, ``packed_gemm.cpp``), compiled on first use.
 
 The build is cached by torch (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so only
 the first process on a machine pays for it (about a minute on 2 cores). If there is no compiler,
@@ -18,7 +18,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "QUIRE_CPU_KERNELS"
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "packed_gemm.cpp")]
 # -march=native: the kernels are built on the machine that runs them (AVX2/FMA paths where the
 # CPU has them, portable loops elsewhere). -fopenmp makes at::parallel_for use torch's own
 # OpenMP thread pool (the same libgomp that torch loaded) instead of running serially.
@@ -37,7 +37,8 @@ def cpu_ops() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="quire_cpu_ops", sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
+        sources = [str(path) for path in _SOURCES]
+        return load(name="quire_cpu_ops", sources=sources, extra_cflags=_CFLAGS, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
         logger.warning("compiled CPU kernels unavailable, using pure-torch paths: %s", exc)
         return None

@@ -8,13 +8,11 @@
 // Work is split over (sequence, kv head) pairs; the `group` query heads that share a KV head are
 // handled together so each cached row is loaded once for all of them. Accumulation is fp32.
 //
-// bf16_weight_linear: y = x W^T (+ b) for a few rows of fp32 x against a weight stored in bf16 and
-// widened to fp32 in registers. With one to a few tokens per step a linear layer is bound by
-// reading its weight from memory, so half the bytes is close to half the time. The arithmetic is
-// fp32 throughout; used only for weights that bf16 represents exactly (checked by the caller), it
-// computes the same products as the fp32 weight would.
+// The linear layers' GEMM is in packed_gemm.cpp; this file registers it with the module.
 
 #include <torch/extension.h>
+
+#include "packed_gemm.h"
 
 #include <ATen/Parallel.h>
 
@@ -240,101 +238,6 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     }
   });
 }
-
-namespace {
-
-#ifdef QUIRE_AVX2
-// 8 bf16 values widened to fp32: bf16 is the top half of an fp32 bit pattern.
-inline __m256 load_bf16x8(const uint16_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-#endif
-
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &widened, sizeof(value));
-  return value;
-}
-
-constexpr int64_t kMaxBf16Rows = 8;
-
-// out[m, n] = sum_k x[m, k] * w[n, k] for rows m < rows (<= kMaxBf16Rows), one output column n.
-template <int64_t kRows>
-inline void bf16_column(const float* x, int64_t x_stride, const uint16_t* w, int64_t k_dim, float* sums) {
-  int64_t k = 0;
-#ifdef QUIRE_AVX2
-  __m256 acc[kRows];
-  for (int64_t m = 0; m < kRows; ++m) acc[m] = _mm256_setzero_ps();
-  for (; k + 8 <= k_dim; k += 8) {
-    const __m256 wv = load_bf16x8(w + k);
-    for (int64_t m = 0; m < kRows; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * x_stride + k), wv, acc[m]);
-  }
-  for (int64_t m = 0; m < kRows; ++m) sums[m] = horizontal_sum(acc[m]);
-#else
-  for (int64_t m = 0; m < kRows; ++m) sums[m] = 0.0f;
-#endif
-  for (; k < k_dim; ++k) {
-    const float wk = bf16_to_float(w[k]);
-    for (int64_t m = 0; m < kRows; ++m) sums[m] += x[m * x_stride + k] * wk;
-  }
-}
-
-// One output column of up to kMaxBf16Rows rows, dispatched on the row count at run time.
-inline void bf16_column_any(const float* x, int64_t k_dim, const uint16_t* w, int64_t rows, float* sums) {
-  switch (rows) {
-    case 1: bf16_column<1>(x, k_dim, w, k_dim, sums); break;
-    case 2: bf16_column<2>(x, k_dim, w, k_dim, sums); break;
-    case 3: bf16_column<3>(x, k_dim, w, k_dim, sums); break;
-    case 4: bf16_column<4>(x, k_dim, w, k_dim, sums); break;
-    case 5: bf16_column<5>(x, k_dim, w, k_dim, sums); break;
-    case 6: bf16_column<6>(x, k_dim, w, k_dim, sums); break;
-    case 7: bf16_column<7>(x, k_dim, w, k_dim, sums); break;
-    default: bf16_column<8>(x, k_dim, w, k_dim, sums); break;
-  }
-}
-
-// Threads split the output columns. Each weight row is read from memory once and then stays in
-// L1 while every chunk of 8 input rows (kept in L2) is multiplied against it.
-void bf16_linear_rows(const float* x, int64_t rows, int64_t k_dim, const uint16_t* w, const float* bias,
-                      float* out, int64_t n_dim) {
-  at::parallel_for(0, n_dim, 16, [&](int64_t begin, int64_t end) {
-    float sums[kMaxBf16Rows];
-    for (int64_t n = begin; n < end; ++n) {
-      const float b = bias == nullptr ? 0.0f : bias[n];
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxBf16Rows) {
-        const int64_t chunk = std::min(kMaxBf16Rows, rows - m0);
-        bf16_column_any(x + m0 * k_dim, k_dim, w + n * k_dim, chunk, sums);
-        for (int64_t m = 0; m < chunk; ++m) out[(m0 + m) * n_dim + n] = sums[m] + b;
-      }
-    }
-  });
-}
-
-}  // namespace
-
-torch::Tensor bf16_weight_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous float32 [rows, in_features] CPU tensor");
-  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
-              "weight must be a contiguous bfloat16 [out_features, in_features] tensor");
-  TORCH_CHECK(weight.size(1) == x.size(1), "in_features of x and weight differ");
-  const int64_t rows = x.size(0), k_dim = x.size(1), n_dim = weight.size(0);
-  const float* bias_data = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n_dim,
-                "bias must be a contiguous float32 [out_features] tensor");
-    bias_data = bias->data_ptr<float>();
-  }
-  torch::Tensor out = torch::empty({rows, n_dim}, x.options());
-  const float* x_data = x.data_ptr<float>();
-  const uint16_t* w_data = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  float* out_data = out.data_ptr<float>();
-  if (rows > 0) bf16_linear_rows(x_data, rows, k_dim, w_data, bias_data, out_data, n_dim);
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Fused elementwise steps of a decoder layer: one pass over the data instead of one per torch op,
 // and no temporaries. Both are row-parallel over tokens.
@@ -435,8 +338,10 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "in place: residual += x; x = rmsnorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a [tokens, 2 * inter] gate|up tensor");
-  m.def("bf16_weight_linear", &bf16_weight_linear, "x W^T (+ b) with W stored in bf16, computed in fp32 (CPU)",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("pack_weight_panels", &pack_weight_panels, "a [out, in] fp32 weight re-laid out for packed_linear",
+        py::arg("weight"), py::arg("bf16"));
+  m.def("packed_linear", &packed_linear, "x W^T (+ b) against pack_weight_panels' layout (fp32, CPU)",
+        py::arg("x"), py::arg("panels"), py::arg("out_features"), py::arg("bias") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention over a paged KV cache, in place (fp32, CPU)");
 }
