@@ -514,7 +514,9 @@ def test_cpu_packed_linear_matches_float64(bf16_panels: bool) -> None:
                 got = ops.packed_linear(x, panels, out_features, b)
                 want = F.linear(x.double(), weight.double(), None if b is None else b.double())
                 torch.testing.assert_close(got.double(), want, atol=1e-4 * in_features**0.5, rtol=1e-5)
-    assert ops.packed_linear(torch.empty(0, 19), ops.pack_weight_panels(torch.ones(3, 19), False), 3).shape == (0, 3)
+    assert ops.packed_linear(
+        torch.empty(0, 19), ops.pack_weight_panels(torch.ones(3, 19), False), 3
+    ).shape == (0, 3)
 
 
 def test_cpu_packed_linear_rejects_what_it_cannot_compute() -> None:
