@@ -67,24 +67,31 @@ def _run_streams_in_thread(
 
 
 def test_sigterm_drains_active_streams_then_exits_0() -> None:
+    # Long streams (the fixture model decodes hundreds of tokens a second), and the checks below are
+    # shown to have happened mid-drain by tokens that arrive after them, not by a sleep.
+    max_tokens = 480
     with running_server("--shutdown-timeout", "300") as server:
-        thread, started, results = _run_streams_in_thread(server.url, 8, 48)
+        thread, started, results = _run_streams_in_thread(server.url, 8, max_tokens)
         assert started.wait(120), "streams did not start"
         server.proc.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        time.sleep(0.2)
-        refused = httpx.post(
-            f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30
-        )
+        deadline = time.monotonic() + 30
+        while True:
+            refused = httpx.post(
+                f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30
+            )
+            if refused.status_code != 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+        checked = time.monotonic()
         thread.join(300)
         assert len(results) == 8
         for result in results:
             assert result.get("done") and result["finish"] == "length"
-            assert result["usage"]["completion_tokens"] == 48
-        assert any(stamp > signalled for result in results for stamp in result["stamps"]), (
-            "nothing was in flight"
+            assert result["usage"]["completion_tokens"] == max_tokens
+        assert any(stamp > checked for result in results for stamp in result["stamps"]), (
+            "the streams had ended before the drain was checked"
         )
         assert server.proc.wait(60) == 0
         assert "Traceback" not in server.log_text()
