@@ -476,11 +476,14 @@ def test_cpu_kernels_build() -> None:
 
 
 def test_cpu_decode_kernel_matches_torch_on_ragged_batches() -> None:
-    """Many sequences of ragged lengths over shuffled blocks, GQA groups of 1, 3 and 4."""
+    """Many sequences of ragged lengths over shuffled blocks, GQA groups of 1 to 4."""
     if cpu_ops() is None:
         pytest.skip("CPU kernels unavailable")
     gen = torch.Generator().manual_seed(1)
-    for heads, kv_heads, head_dim, block_size in [(4, 4, 16, 4), (9, 3, 64, 16), (8, 2, 24, 8)]:
+    # Shapes that take the 8-key tiles with one or two 64-wide value slices, a ragged slice (96),
+    # and the per-key path (head_dim not a multiple of 16, or blocks smaller than a tile).
+    shapes = [(4, 4, 16, 4), (9, 3, 64, 16), (8, 2, 24, 8), (4, 2, 128, 32), (6, 2, 96, 8), (2, 1, 32, 1)]
+    for heads, kv_heads, head_dim, block_size in shapes:
         num_blocks, num_seqs = 200, 12
         k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
         v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)

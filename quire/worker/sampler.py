@@ -5,7 +5,7 @@ follows vLLM / OpenAI semantics:
 
     logit_bias -> min_tokens -> repetition_penalty -> frequency/presence penalties
     -> greedy rows: argmax
-    -> sampled rows: temperature -> top_k -> top_p -> min_p -> exponential race
+    -> sampled rows: temperature -> top_k -> top_p -> min_p -> inverse-CDF draw
 
 Every stage works on the whole batch (or the subset of rows that use it) with tensor ops, and a
 stage no row uses costs nothing, so the common all-greedy decode step is a single argmax.
@@ -303,7 +303,7 @@ class Sampler:
     # ---- sampling ----
 
     def _sample(self, work: torch.Tensor, states: Sequence[SamplingState], rows: list[int]) -> torch.Tensor:
-        """Tokens for the non-greedy ``rows``: temperature, top_k, top_p, min_p, then a race."""
+        """Tokens for the non-greedy ``rows``: temperature, top_k, top_p, min_p, then one draw."""
         device = work.device
         params = [states[i].params for i in rows]
         idx = _index(rows, work.shape[0], device)
@@ -313,27 +313,29 @@ class Sampler:
         _top_k(x, [p.top_k for p in params])
         _top_p(x, [p.top_p for p in params])
         _min_p(x, [p.min_p for p in params])
-        return self._race(x, [_positioned_generator(states[i]) for i in rows])
+        return self._draw(x, [_positioned_generator(states[i]) for i in rows])
 
-    def _race(self, x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Samples one token per row of logits ``x`` by an exponential race.
+    def _draw(self, x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Samples one token per row of logits ``x`` by inverting its CDF at one uniform draw.
 
-        With E_i ~ Exponential(1) i.i.d., argmax(p_i / E_i) is token i with probability p_i. Each
-        seeded row draws exactly ``vocab`` values from its own generator per step, so its stream
-        never depends on the rest of the batch, and no device sync is needed (unlike multinomial)."""
-        probs = x.softmax(dim=-1)
-        noise = torch.empty_like(probs)
+        One random number per row (an exponential race needs ``vocab`` of them, and drawing those
+        cost 3x this whole method on CPU), no device sync (unlike multinomial), and each seeded row
+        draws exactly one value from its own generator per step, so its stream never depends on the
+        rest of the batch. The CDF is summed in float64: near 1.0 a float32 sum has a grain of
+        6e-8, as large as the probabilities of the vocabulary's tail, which it would misweigh."""
+        cdf = x.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        uniform = torch.empty_like(total)
         if any(g is None for g in generators):
             # One launch for all unseeded rows; seeded rows are overwritten below.
-            noise.uniform_(generator=self._generator)
+            uniform.uniform_(generator=self._generator)
         for j, generator in enumerate(generators):
             if generator is not None:
-                noise[j].uniform_(generator=generator)
-        # E = -log(U). Built from uniform_ rather than exponential_, which is several times slower
-        # on CPU; CUDA's exponential_ is this same transform. U < 1 keeps E > 0, so a masked token
-        # (p = 0) scores 0 and never NaN; U = 0 gives E = inf, which only makes a token lose.
-        noise.log_().neg_()
-        return probs.div_(noise).argmax(dim=-1)
+                uniform[j].uniform_(generator=generator)
+        # Token i owns (cdf[i-1], cdf[i]]; a target strictly below the total always lands in a
+        # non-empty interval, so a masked token (p = 0, an empty interval) is never drawn.
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
     # ---- logprobs ----
 

@@ -105,42 +105,74 @@ inline float exp_and_sum(float* scores, int64_t n, float max) {
   return sum;
 }
 
+#ifdef QUIRE_AVX2
+// [sum(a[0]), ..., sum(a[7])]: eight horizontal sums in one register.
+inline __m256 horizontal_sums8(const __m256* a) {
+  const __m256 pairs01 = _mm256_hadd_ps(a[0], a[1]);
+  const __m256 pairs23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 pairs45 = _mm256_hadd_ps(a[4], a[5]);
+  const __m256 pairs67 = _mm256_hadd_ps(a[6], a[7]);
+  // Each 128-bit lane now holds four partial sums of rows 0-3 (resp. 4-7): add the two lanes.
+  const __m256 quads0123 = _mm256_hadd_ps(pairs01, pairs23);
+  const __m256 quads4567 = _mm256_hadd_ps(pairs45, pairs67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(quads0123, quads4567, 0x20),
+                       _mm256_permute2f128_ps(quads0123, quads4567, 0x31));
+}
+
+// The dot products of one query with 8 cached keys `token_stride` apart; head_dim % 16 == 0.
+inline __m256 dot_8_keys(const float* query, const float* keys, int64_t token_stride, int64_t head_dim) {
+  __m256 sums[8];
+  for (int j = 0; j < 8; ++j) {
+    const float* key = keys + j * token_stride;
+    __m256 even = _mm256_setzero_ps();
+    __m256 odd = _mm256_setzero_ps();
+    for (int64_t c = 0; c < head_dim; c += 16) {
+      even = _mm256_fmadd_ps(_mm256_loadu_ps(query + c), _mm256_loadu_ps(key + c), even);
+      odd = _mm256_fmadd_ps(_mm256_loadu_ps(query + c + 8), _mm256_loadu_ps(key + c + 8), odd);
+    }
+    sums[j] = _mm256_add_ps(even, odd);
+  }
+  return horizontal_sums8(sums);
+}
+#endif
+
+// Asks for `rows` rows of `row_bytes` each, `stride` floats apart, to be brought into cache: the
+// next block of a sequence lies anywhere in the pool, out of the hardware prefetcher's sight.
+inline void prefetch_rows(const float* first, int64_t rows, int64_t stride, int64_t row_bytes) {
+#ifdef QUIRE_AVX2
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(first + r * stride);
+    for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
+  }
+#else
+  (void)first, (void)rows, (void)stride, (void)row_bytes;
+#endif
+}
+
 constexpr int64_t kValueSlice = 64;
 
-// out[0:width] = scale * sum_t weights[t] * V[t][0:width], V read through the block table.
-// width <= kValueSlice.
-inline void weighted_value_sum(const float* v_base, const int64_t* table, int64_t block_size,
-                               int64_t block_stride, int64_t token_stride, const float* weights, int64_t len,
-                               float scale, int64_t width, float* out) {
+// out[0:width] += sum_{t < n} weights[t] * values[t * token_stride + 0:width]; width <= kValueSlice.
+inline void accumulate_values(const float* values, int64_t token_stride, const float* weights, int64_t n,
+                              int64_t width, float* out) {
 #ifdef QUIRE_AVX2
   if (width == kValueSlice) {
+    // The running sums stay in registers for the whole block.
     __m256 acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t start = 0; start < len; start += block_size) {
-      const int64_t n = std::min(block_size, len - start);
-      const float* values = v_base + table[start / block_size] * block_stride;
-      for (int64_t t = 0; t < n; ++t) {
-        const __m256 w = _mm256_set1_ps(weights[start + t]);
-        const float* value = values + t * token_stride;
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), acc[i]);
-      }
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(out + 8 * i);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 w = _mm256_set1_ps(weights[t]);
+      const float* value = values + t * token_stride;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), acc[i]);
     }
-    const __m256 s = _mm256_set1_ps(scale);
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], s));
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
     return;
   }
 #endif
-  float acc[kValueSlice] = {0.0f};
-  for (int64_t start = 0; start < len; start += block_size) {
-    const int64_t n = std::min(block_size, len - start);
-    const float* values = v_base + table[start / block_size] * block_stride;
-    for (int64_t t = 0; t < n; ++t) {
-      const float w = weights[start + t];
-      const float* value = values + t * token_stride;
-      for (int64_t d = 0; d < width; ++d) acc[d] += w * value[d];
-    }
+  for (int64_t t = 0; t < n; ++t) {
+    const float w = weights[t];
+    const float* value = values + t * token_stride;
+    for (int64_t d = 0; d < width; ++d) out[d] += w * value[d];
   }
-  for (int64_t d = 0; d < width; ++d) out[d] = acc[d] * scale;
 }
 
 void check_inputs(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -196,44 +228,84 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   float* out_data = out.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
 
+  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(float));
+#ifdef QUIRE_AVX2
+  // Eight keys at a time when a block holds whole tiles of 8 rows (rows past a sequence's length
+  // inside its last block are scored too, into padding that is never read).
+  const bool key_tiles = head_dim % 16 == 0 && block_size % 8 == 0;
+#endif
+
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;  // [group, len] for the current work item
+    std::vector<float> scores;  // [group, padded_len] for the current work item
+    std::vector<float> inverse_sums;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads;
       const int64_t kv_head = item % num_kv_heads;
       const int64_t len = lens[seq];
+      const int64_t padded_len = (len + 7) / 8 * 8;
+      const int64_t num_seq_blocks = (len + block_size - 1) / block_size;
       const int64_t* table = tables + seq * max_blocks;
       const float* q_rows = q_data + (seq * num_heads + kv_head * group) * head_dim;
       float* out_rows = out_data + (seq * num_heads + kv_head * group) * head_dim;
-      scores.resize(static_cast<size_t>(group * len));
+      scores.resize(static_cast<size_t>(group * padded_len));
+      inverse_sums.resize(static_cast<size_t>(group));
 
-      // Scores: every cached key against the group's queries.
-      for (int64_t start = 0; start < len; start += block_size) {
+      // Scores: every cached key against the group's queries, block by block, so a block's keys
+      // are loaded from memory once for all the query heads that share them.
+      for (int64_t b = 0; b < num_seq_blocks; ++b) {
+        const int64_t start = b * block_size;
         const int64_t n = std::min(block_size, len - start);
-        const float* keys = k_data + table[start / block_size] * block_stride + kv_head * head_dim;
-        for (int64_t t = 0; t < n; ++t) {
+        const float* keys = k_data + table[b] * block_stride + kv_head * head_dim;
+        if (b + 1 < num_seq_blocks) {
+          prefetch_rows(k_data + table[b + 1] * block_stride + kv_head * head_dim, block_size, token_stride,
+                        row_bytes);
+        }
+        int64_t t = 0;
+#ifdef QUIRE_AVX2
+        if (key_tiles) {
+          const __m256 scale8 = _mm256_set1_ps(softmax_scale);
+          for (; t < n; t += 8) {
+            for (int64_t g = 0; g < group; ++g) {
+              const __m256 dots = dot_8_keys(q_rows + g * head_dim, keys + t * token_stride, token_stride, head_dim);
+              _mm256_storeu_ps(scores.data() + g * padded_len + start + t, _mm256_mul_ps(dots, scale8));
+            }
+          }
+        }
+#endif
+        for (; t < n; ++t) {
           const float* key = keys + t * token_stride;
           for (int64_t g = 0; g < group; ++g) {
-            scores[g * len + start + t] = dot(q_rows + g * head_dim, key, head_dim) * softmax_scale;
+            scores[g * padded_len + start + t] = dot(q_rows + g * head_dim, key, head_dim) * softmax_scale;
           }
         }
       }
-      // Softmax per query head; the normaliser is folded into the value weights below.
-      std::vector<float> inverse_sums(static_cast<size_t>(group));
+      // Softmax per query head; the normaliser is applied once to the finished output rows.
       for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * len;
+        float* row = scores.data() + g * padded_len;
         const float max = *std::max_element(row, row + len);
         inverse_sums[g] = 1.0f / exp_and_sum(row, len, max);
       }
-      // Weighted sum of the cached values, per query head and per 64-wide slice of head_dim so
-      // the running sums stay in registers (no load/store of the output per cached row).
-      for (int64_t g = 0; g < group; ++g) {
-        const float* weights = scores.data() + g * len;
-        for (int64_t d0 = 0; d0 < head_dim; d0 += kValueSlice) {
-          const int64_t width = std::min(kValueSlice, head_dim - d0);
-          weighted_value_sum(v_data + kv_head * head_dim + d0, table, block_size, block_stride, token_stride,
-                             weights, len, inverse_sums[g], width, out_rows + g * head_dim + d0);
+      // Weighted sum of the cached values, again block by block for all the group's heads.
+      std::fill(out_rows, out_rows + group * head_dim, 0.0f);
+      for (int64_t b = 0; b < num_seq_blocks; ++b) {
+        const int64_t start = b * block_size;
+        const int64_t n = std::min(block_size, len - start);
+        const float* values = v_data + table[b] * block_stride + kv_head * head_dim;
+        if (b + 1 < num_seq_blocks) {
+          prefetch_rows(v_data + table[b + 1] * block_stride + kv_head * head_dim, block_size, token_stride,
+                        row_bytes);
         }
+        for (int64_t g = 0; g < group; ++g) {
+          const float* weights = scores.data() + g * padded_len + start;
+          for (int64_t d0 = 0; d0 < head_dim; d0 += kValueSlice) {
+            accumulate_values(values + d0, token_stride, weights, n, std::min(kValueSlice, head_dim - d0),
+                              out_rows + g * head_dim + d0);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = out_rows + g * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) row[d] *= inverse_sums[g];
       }
     }
   });
