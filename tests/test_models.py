@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from quire.kernels.cpu_ops import cpu_ops
 from quire.models.demo import CHAT_TEMPLATE, IM_END, build_tokenizer, default_demo_checkpoint
 from quire.models.hf_config import ModelArchConfig
+from quire.models.llama import apply_rope
 from quire.models.loader import load_model, resolve_dtype
 from quire.models.registry import resolve_model_class, supported_architectures
 from quire.worker.attention import CpuPagedAttention, TorchPagedAttention, get_attention_backend
@@ -557,6 +558,23 @@ def test_cpu_fused_elementwise_kernels_match_torch() -> None:
         ops.fused_add_rms_norm(x, residual, weight, 1e-6)
         torch.testing.assert_close(residual, expected_residual, atol=0, rtol=0)
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+    # Rotary embedding on the q|k heads of a fused projection; v (the last heads) is untouched.
+    # head_dim 20: a vector body of 8 plus a scalar tail of 2 per half.
+    for tokens, heads, kv_heads, head_dim in [(1, 4, 2, 64), (9, 9, 3, 64), (5, 2, 1, 20)]:
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+        angles = torch.rand(tokens, 1, head_dim // 2, generator=gen) * 100
+        cos, sin = angles.cos(), angles.sin()
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        want_q = apply_rope(q.reshape(tokens, heads, head_dim), cos, sin)
+        want_k = apply_rope(k.reshape(tokens, kv_heads, head_dim), cos, sin)
+        want_v = v.clone()
+        ops.rotary_embedding(qkv, cos, sin, heads + kv_heads, head_dim)
+        torch.testing.assert_close(q.reshape(tokens, heads, head_dim), want_q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k.reshape(tokens, kv_heads, head_dim), want_k, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v, want_v, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        ops.rotary_embedding(torch.ones(2, 16), torch.ones(2, 3), torch.ones(2, 4), 2, 8)
 
 
 def test_cpu_decode_kernel_rejects_bad_block_tables() -> None:

@@ -183,6 +183,7 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+        self.cpu_ops: ModuleType | None = None  # see RMSNorm.cpu_ops
 
     def forward(
         self,
@@ -194,13 +195,20 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_rows, kv_rows, kv_rows], dim=-1)
+        qkv = self.qkv_proj(x)
+        # The compiled kernel rotates q and k in place inside the fused projection output; models
+        # with q/k norms (Qwen3) normalise first, into new tensors, and keep the torch rotation.
+        fused_rope = self.cpu_ops is not None and self.q_norm is None and qkv.is_contiguous()
+        if fused_rope:
+            self.cpu_ops.rotary_embedding(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([q_rows, kv_rows, kv_rows], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not fused_rope:
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, q_rows))
 
@@ -314,7 +322,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare_for_cpu()
-            elif isinstance(module, (RMSNorm, MLP)):
+            elif isinstance(module, (RMSNorm, MLP, Attention)):
                 module.cpu_ops = ops
         # The embedding keeps its dense matrix for lookups; the LM head gets prepared copies.
         self.cpu_lm_head = CpuLinearWeight(self._output_weight())

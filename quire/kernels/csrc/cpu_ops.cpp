@@ -407,6 +407,50 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// Rotary position embedding, in place, on the first `rotated_heads` heads of each row of a fused
+// [tokens, width] q|k|v projection output ("rotate half" layout: element i pairs with i + D/2).
+// cos and sin are [tokens, D/2]. Same operations as the torch path (x1 cos - x2 sin,
+// x2 cos + x1 sin), one pass over q and k instead of six temporaries and a concatenation.
+void rotary_embedding(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t rotated_heads,
+                      int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(rotated_heads >= 0 && rotated_heads * head_dim <= qkv.size(1), "more rotated heads than columns");
+  const int64_t tokens = qkv.size(0), width = qkv.size(1), half = head_dim / 2;
+  for (const torch::Tensor* table : {&cos, &sin}) {
+    TORCH_CHECK(table->device().is_cpu() && table->scalar_type() == torch::kFloat32 && table->is_contiguous() &&
+                    table->numel() == tokens * half,
+                "cos and sin must be contiguous float32 [tokens, head_dim / 2] CPU tensors");
+  }
+  float* data = qkv.data_ptr<float>();
+  const float* cos_data = cos.data_ptr<float>();
+  const float* sin_data = sin.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* c = cos_data + row * half;
+      const float* s = sin_data + row * half;
+      for (int64_t head = 0; head < rotated_heads; ++head) {
+        float* x1 = data + row * width + head * head_dim;
+        float* x2 = x1 + half;
+        int64_t i = 0;
+#ifdef QUIRE_AVX2
+        for (; i + 8 <= half; i += 8) {
+          const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+          const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+          _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)));
+          _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)));
+        }
+#endif
+        for (; i < half; ++i) {
+          const float a = x1[i], b = x2[i];
+          x1[i] = a * c[i] - b * s[i];
+          x2[i] = b * c[i] + a * s[i];
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "in place: residual += x; x = rmsnorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a [tokens, 2 * inter] gate|up tensor");
@@ -414,6 +458,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("bf16"));
   m.def("packed_linear", &packed_linear, "x W^T (+ b) against pack_weight_panels' layout (fp32, CPU)",
         py::arg("x"), py::arg("panels"), py::arg("out_features"), py::arg("bias") = py::none());
+  m.def("rotary_embedding", &rotary_embedding,
+        "in place: rotary embedding of the first rotated_heads heads of a [tokens, width] q|k|v tensor");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention over a paged KV cache, in place (fp32, CPU)");
 }
