@@ -249,17 +249,21 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       float* out_rows = out_data + (seq * num_heads + kv_head * group) * head_dim;
       scores.resize(static_cast<size_t>(group * padded_len));
       inverse_sums.resize(static_cast<size_t>(group));
+      // This kv head's rows in the sequence's block b of `cache`; block b + 1 is requested ahead.
+      auto head_rows = [&](const float* cache, int64_t b) {
+        if (b + 1 < num_seq_blocks) {
+          prefetch_rows(cache + table[b + 1] * block_stride + kv_head * head_dim, block_size, token_stride,
+                        row_bytes);
+        }
+        return cache + table[b] * block_stride + kv_head * head_dim;
+      };
 
       // Scores: every cached key against the group's queries, block by block, so a block's keys
       // are loaded from memory once for all the query heads that share them.
       for (int64_t b = 0; b < num_seq_blocks; ++b) {
         const int64_t start = b * block_size;
         const int64_t n = std::min(block_size, len - start);
-        const float* keys = k_data + table[b] * block_stride + kv_head * head_dim;
-        if (b + 1 < num_seq_blocks) {
-          prefetch_rows(k_data + table[b + 1] * block_stride + kv_head * head_dim, block_size, token_stride,
-                        row_bytes);
-        }
+        const float* keys = head_rows(k_data, b);
         int64_t t = 0;
 #ifdef QUIRE_AVX2
         if (key_tiles) {
@@ -290,11 +294,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       for (int64_t b = 0; b < num_seq_blocks; ++b) {
         const int64_t start = b * block_size;
         const int64_t n = std::min(block_size, len - start);
-        const float* values = v_data + table[b] * block_stride + kv_head * head_dim;
-        if (b + 1 < num_seq_blocks) {
-          prefetch_rows(v_data + table[b + 1] * block_stride + kv_head * head_dim, block_size, token_stride,
-                        row_bytes);
-        }
+        const float* values = head_rows(v_data, b);
         for (int64_t g = 0; g < group; ++g) {
           const float* weights = scores.data() + g * padded_len + start;
           for (int64_t d0 = 0; d0 < head_dim; d0 += kValueSlice) {
