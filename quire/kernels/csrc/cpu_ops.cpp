@@ -19,8 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
