@@ -78,24 +78,31 @@ inline void tile_kernel(const float* a, const void* panel, int64_t kc, float* c,
     }
   }
   const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  // Walking pointers and four k steps per loop trip leave the loop nothing but loads, widening
+  // and FMAs: with the index arithmetic of a plain k loop the kernel ran at ~75% of the FMA
+  // peak even on data in L1, unrolled at ~90% (6-row tile, one thread, alternating runs).
+  const uint32_t* words_at = static_cast<const uint32_t*>(panel);
+  const float* floats_at = static_cast<const float*>(panel);
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     __m256 w0, w1;
     if constexpr (BF16) {
-      const __m256i words =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint32_t*>(panel) + k * 8));
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words_at));
       w0 = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
       w1 = _mm256_castsi256_ps(_mm256_and_si256(words, high_half));
+      words_at += kPanelWidth / 2;
     } else {
-      const float* row = static_cast<const float*>(panel) + k * kPanelWidth;
-      w0 = _mm256_loadu_ps(row);
-      w1 = _mm256_loadu_ps(row + 8);
+      w0 = _mm256_loadu_ps(floats_at);
+      w1 = _mm256_loadu_ps(floats_at + 8);
+      floats_at += kPanelWidth;
     }
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + k * MR + r);
+      const __m256 x = _mm256_broadcast_ss(a + r);
       acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
     }
+    a += MR;
   }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
