@@ -10,6 +10,7 @@ import torch
 from quire.config import CacheConfig, ModelConfig
 from quire.models.hf_config import ModelArchConfig
 from quire.models.loader import load_model, resolve_dtype
+from quire.worker.host_memory import retain_freed_memory
 from quire.worker.kv_cache import allocate_kv_caches, num_blocks_for_memory
 from quire.worker.model_runner import ModelRunner
 
@@ -48,6 +49,8 @@ def build_worker(model_config: ModelConfig, cache_config: CacheConfig, show_prog
             f"max_model_len {max_model_len} exceeds the model's context length of {arch.max_context_len} "
             "(max_position_embeddings, or sliding_window where set, in config.json)"
         )
+    if device.type == "cpu":
+        retain_freed_memory()  # activations live in host memory: reuse them across steps
     torch.manual_seed(model_config.seed)
     model = load_model(model_config.model, dtype, device, progress=show_progress, max_positions=max_model_len)
 
