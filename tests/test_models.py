@@ -108,7 +108,7 @@ class PagedBatcher:
 
 
 def _run_schedule(
-    model: torch.nn.Module, seqs: list[list[int]], dtype: torch.dtype = torch.float32
+    model: torch.nn.Module, seqs: list[list[int]], dtype: torch.dtype = torch.float32, block_size: int = 4
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Drive ``model`` through mixed steps; logits for every (seq, position) it computed.
 
@@ -116,8 +116,8 @@ def _run_schedule(
     second one beside decodes, with its prefix already cached); then everything decodes, teacher
     forced with the remaining tokens of each sequence.
     """
-    batcher = PagedBatcher(num_blocks=40, block_size=4, seed=1)
-    caches = allocate_kv_caches(model.config, 40, 4, dtype, "cpu")
+    batcher = PagedBatcher(num_blocks=40, block_size=block_size, seed=1)
+    caches = allocate_kv_caches(model.config, 40, block_size, dtype, "cpu")
     prompt_lens = [5, 11, 17]
     split = 7
     plan: list[tuple[list[tuple[int, int]], list[tuple[int, list[int]]]]] = [
@@ -162,12 +162,16 @@ def _random_seqs(vocab_size: int, lengths: list[int], seed: int = 0) -> list[lis
 # ---------------------------------------------------------------------------------------------
 
 
-def test_logits_match_transformers(tiny_model_dir: Callable[[str], Path], tiny_variant: str) -> None:
+# Blocks of 4 tokens take the torch prefill path on CPU; blocks of 16 the compiled prefill kernel.
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_logits_match_transformers(
+    tiny_model_dir: Callable[[str], Path], tiny_variant: str, block_size: int
+) -> None:
     model_dir = tiny_model_dir(tiny_variant)
     model = load_model(model_dir, torch.float32, "cpu", progress=False)
     seqs = _random_seqs(model.config.vocab_size, [9, 15, 21])
     reference = _reference_logits(model_dir, seqs)
-    ours = _run_schedule(model, seqs)
+    ours = _run_schedule(model, seqs, block_size=block_size)
     assert len(ours) == sum(len(s) for s in seqs)  # every position computed exactly once
     worst = max((logit - reference[s][p]).abs().max().item() for (s, p), logit in ours.items())
     assert worst <= PARITY_ATOL, f"{tiny_variant}: max |logit diff| {worst:.2e} vs transformers"
@@ -498,6 +502,70 @@ def test_cpu_decode_kernel_matches_torch_on_ragged_batches() -> None:
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 32, 16), (8, 2, 128, 32), (6, 1, 96, 16)],
+)
+def test_cpu_prefill_kernel_matches_torch_on_mixed_steps(
+    heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    """Decodes beside prefill chunks: fresh prompts across the 16-token tile and block edges, and
+    chunks that continue a cached prefix mid-block; q is a strided view, as the fused projection
+    gives it. The kernel path must agree with the per-chunk SDPA path and write the same cache."""
+    if cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(5)
+    # (cached tokens before this step, new tokens this step)
+    work = [(30, 1), (5, 1), (0, 1), (0, 16), (0, 17), (0, 70), (5, 12), (16, 33), (37, 2), (3, 1)]
+    num_blocks = 64
+    batcher = PagedBatcher(num_blocks=num_blocks, block_size=block_size, seed=2)
+    caches = [torch.zeros(num_blocks, block_size, kv_heads, head_dim) for _ in range(2)]
+    for seq, (cached, _) in enumerate(work):
+        if cached:
+            slots = torch.tensor(batcher._slots(seq, 0, cached), dtype=torch.long)
+            for cache in caches:
+                cache.view(-1, kv_heads, head_dim)[slots] = torch.randn(
+                    cached, kv_heads, head_dim, generator=gen
+                )
+            batcher.num_cached[seq] = cached
+    decodes = [(s, 0) for s, (cached, n) in enumerate(work) if n == 1 and cached > 0]
+    prefills = [(s, [0] * n) for s, (cached, n) in enumerate(work) if not (n == 1 and cached > 0)]
+    _, _, meta, _ = batcher.step(decodes, prefills)
+    total = sum(n for _, n in work)
+    q_width = heads * head_dim
+    qkv = torch.randn(total, q_width + 2 * kv_heads * head_dim, generator=gen)
+    q = qkv[:, :q_width].view(total, heads, head_dim)  # rows q_width + kv columns apart
+    k = torch.randn(total, kv_heads, head_dim, generator=gen)
+    v = torch.randn(total, kv_heads, head_dim, generator=gen)
+
+    torch_caches = [c.clone() for c in caches]
+    want = TorchPagedAttention().forward(q, k, v, *torch_caches, meta, 0.125)
+    got = CpuPagedAttention().forward(q, k, v, *caches, meta, 0.125)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for cache, torch_cache in zip(caches, torch_caches, strict=True):
+        assert torch.equal(cache, torch_cache)
+
+
+def test_cpu_prefill_kernel_rejects_bad_chunks() -> None:
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU kernels unavailable")
+    k_cache = torch.zeros(4, 16, 1, 8)
+    q, out = torch.zeros(20, 1, 8), torch.zeros(20, 1, 8)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ops.paged_prefill_attention(
+            out, q, k_cache, k_cache, torch.tensor([[0, 20, 0]]), torch.tensor([[0, 9]]), 1.0
+        )
+    with pytest.raises(RuntimeError, match="chunk rows out of range"):
+        ops.paged_prefill_attention(
+            out, q, k_cache, k_cache, torch.tensor([[8, 16, 0]]), torch.tensor([[0, 1]]), 1.0
+        )
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        ops.paged_prefill_attention(
+            out, q, k_cache, k_cache, torch.tensor([[0, 20, 0]]), torch.tensor([[0]]), 1.0
+        )
+
+
 @pytest.mark.parametrize("bf16_panels", [False, True])
 def test_cpu_packed_linear_matches_float64(bf16_panels: bool) -> None:
     """The panel GEMM on shapes that hit every edge: rows across tile boundaries (1-6 row tiles,
@@ -589,11 +657,13 @@ def test_cpu_decode_kernel_rejects_bad_block_tables() -> None:
         ops.paged_decode_attention(out, q, k_cache, k_cache, torch.tensor([[1]]), torch.tensor([3]), 1.0)
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
 def test_cpu_fast_path_matches_plain_torch(
-    tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, block_size: int
 ) -> None:
-    """CPU-prepared weights (bf16 panels for the panel GEMM) and the decode kernel against plain
-    ATen matmuls and the torch backend, on decode steps of 2-3 rows and prefill steps of more."""
+    """CPU-prepared weights (bf16 panels for the panel GEMM) and the attention kernels (prefill
+    only with blocks of 16) against plain ATen matmuls and the torch backend, on decode steps of
+    2-3 rows and prefill steps of more."""
     model_dir = tiny_model_dir("qwen2-bf16")
     fast = load_model(model_dir, torch.float32, "cpu", progress=False)
     monkeypatch.setenv("QUIRE_CPU_KERNELS", "0")
@@ -605,10 +675,33 @@ def test_cpu_fast_path_matches_plain_torch(
     assert plain.cpu_lm_head is None
     assert fast.cpu_lm_head.stores_bf16 and fast.model.layers[0].mlp.down_proj.cpu_weight.stores_bf16
     seqs = _random_seqs(fast.config.vocab_size, [9, 15, 21])
-    fast_logits, plain_logits = _run_schedule(fast, seqs), _run_schedule(plain, seqs)
+    fast_logits = _run_schedule(fast, seqs, block_size=block_size)
+    plain_logits = _run_schedule(plain, seqs, block_size=block_size)
     assert fast_logits.keys() == plain_logits.keys()
     for key, logit in fast_logits.items():
         torch.testing.assert_close(logit, plain_logits[key], atol=1e-4, rtol=1e-5)
+
+
+def test_fused_decode_layer_matches_layer_by_layer(
+    tiny_model_dir: Callable[[str], Path], tiny_variant: str
+) -> None:
+    """Decode-only steps through the compiled whole-layer kernel against the same model's
+    layer-by-layer path; variants the kernel does not implement (q/k norms, an o_proj bias) keep
+    the layer-by-layer path."""
+    model = load_model(tiny_model_dir(tiny_variant), torch.float32, "cpu", progress=False)
+    if cpu_ops() is None:
+        pytest.skip("the CPU kernels are unavailable")
+    if tiny_variant in ("qwen3", "llama-untied-bias"):
+        assert model.fused_decode_layers is None
+        return
+    assert model.fused_decode_layers is not None
+    seqs = _random_seqs(model.config.vocab_size, [9, 15, 21])
+    fused = _run_schedule(model, seqs, block_size=16)
+    model.fused_decode_layers = None
+    layer_by_layer = _run_schedule(model, seqs, block_size=16)
+    assert fused.keys() == layer_by_layer.keys()
+    for key, logit in fused.items():
+        torch.testing.assert_close(logit, layer_by_layer[key], atol=1e-5, rtol=1e-5)
 
 
 def test_attention_backend_registry() -> None:

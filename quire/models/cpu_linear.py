@@ -62,6 +62,11 @@ class CpuLinearWeight:
         else:
             self.panels = torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_BATCH_HINT)
 
+    @property
+    def uses_onednn(self) -> bool:
+        """True where the compiled kernels are missing and oneDNN's packed weight is used."""
+        return self._ops is None
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._ops is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.panels, bias, "none", [], "")

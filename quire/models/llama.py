@@ -23,7 +23,7 @@ from quire.models.cpu_linear import CpuLinearWeight, cpu_fast_linear_available, 
 from quire.models.hf_config import ModelArchConfig, RopeScaling
 from quire.models.loader import WeightSlot
 from quire.models.registry import register_model
-from quire.worker.attention import AttentionBackend, get_attention_backend
+from quire.worker.attention import AttentionBackend, CpuPagedAttention, get_attention_backend
 from quire.worker.attention_metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -312,6 +312,9 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = VocabMatrix(config.vocab_size, config.hidden_size, dtype, device)
         self.cpu_lm_head: CpuLinearWeight | None = None
+        # Per layer, the arguments of the compiled whole-layer decode kernel; None where it does
+        # not apply (see _fused_decode_layers).
+        self.fused_decode_layers: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
 
     def prepare_for_inference(self) -> None:
         """Called once the weights are loaded: on CPU in fp32, every matmul moves to CPU-prepared
@@ -326,6 +329,37 @@ class LlamaForCausalLM(nn.Module):
                 module.cpu_ops = ops
         # The embedding keeps its dense matrix for lookups; the LM head gets prepared copies.
         self.cpu_lm_head = CpuLinearWeight(self._output_weight())
+        self.fused_decode_layers = self._fused_decode_layers(ops)
+
+    def _fused_decode_layers(
+        self, ops: ModuleType | None
+    ) -> list[tuple[list[torch.Tensor], torch.Tensor | None]] | None:
+        """Each layer's weights for ``decode_layer`` (one compiled call per layer on decode-only
+        steps), or None unless every layer has the plain shape that kernel implements: panel-GEMM
+        weights, no bias but an optional q|k|v one (Qwen2), no q/k norms, the CPU attention backend."""
+        if ops is None or not hasattr(ops, "decode_layer"):
+            return None
+        plan = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if (
+                attn.q_norm is not None
+                or not isinstance(attn.backend, CpuPagedAttention)
+                or any(lin.cpu_weight is None or lin.cpu_weight.uses_onednn for lin in linears)
+                or any(lin.bias is not None for lin in linears[1:])
+            ):
+                return None
+            weights = [
+                layer.input_layernorm.weight,
+                attn.qkv_proj.cpu_weight.panels,
+                attn.o_proj.cpu_weight.panels,
+                layer.post_attention_layernorm.weight,
+                mlp.gate_up_proj.cpu_weight.panels,
+                mlp.down_proj.cpu_weight.panels,
+            ]
+            plan.append((weights, attn.qkv_proj.bias))
+        return plan
 
     def _output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -342,10 +376,43 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"need one KV cache per layer ({len(self.model.layers)}), got {len(kv_caches)}")
         x = F.embedding(input_ids, self.model.embed_tokens.weight)
         cos, sin = self.rotary(positions)
+        if self.fused_decode_layers is not None and self._is_fused_decode_step(attn_metadata, kv_caches):
+            return self._fused_decode_forward(x, cos, sin, kv_caches, attn_metadata)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, attn_metadata)
         assert residual is not None  # the config parser requires at least one layer
+        x, _ = self.model.norm.add_forward(x, residual)
+        return x
+
+    def _is_fused_decode_step(self, meta: AttentionMetadata, kv_caches: list[KVCache]) -> bool:
+        return (
+            not meta.prefills
+            and meta.num_decodes > 0
+            and kv_caches[0][0].dtype == torch.float32
+            and kv_caches[0][0].device.type == "cpu"
+        )
+
+    def _fused_decode_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``forward`` for a step of single-token decodes only: one compiled call per layer."""
+        assert self.fused_decode_layers is not None
+        ops = cpu_ops()
+        attn = self.model.layers[0].self_attn
+        eps = self.model.layers[0].input_layernorm.eps
+        # A zero residual makes layer 0's "add + norm" the plain norm of the embeddings.
+        residual = torch.zeros_like(x)
+        for (weights, qkv_bias), (k_cache, v_cache) in zip(self.fused_decode_layers, kv_caches, strict=True):
+            x = ops.decode_layer(
+                x, residual, weights, qkv_bias, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                meta.decode_block_tables, meta.decode_seq_lens, attn.num_heads, eps, attn.scale,
+            )  # fmt: skip
         x, _ = self.model.norm.add_forward(x, residual)
         return x
 

@@ -120,15 +120,57 @@ class TorchPagedAttention(AttentionBackend):
 
 
 class CpuPagedAttention(TorchPagedAttention):
-    """The torch backend with decodes done by a compiled kernel that reads the paged cache in place.
+    """The torch backend with both attention kinds done by compiled kernels that read the paged
+    cache in place (``quire/kernels/csrc/cpu_ops.cpp``).
 
-    The gather in ``TorchPagedAttention._decode`` copies every decoding sequence's whole context per
-    layer per step, which was about a quarter of a 64-sequence decode step on CPU. The kernel
-    (``quire/kernels/csrc/cpu_ops.cpp``) reads each cached row once. It covers fp32 caches; other
-    dtypes, and machines where the kernel cannot be built, use the inherited torch path.
+    Decodes: the gather in ``TorchPagedAttention._decode`` copies every decoding sequence's whole
+    context per layer per step, which was about a quarter of a 64-sequence decode step on CPU; the
+    kernel reads each cached row once. Prefill chunks: one call for all chunks of the step instead
+    of an SDPA call per chunk (plus a context gather and a mask for chunks that continue a cached
+    prefix). It covers fp32 caches whose blocks hold a multiple of 16 tokens; other dtypes, other
+    block sizes, and machines where the kernels cannot be built use the inherited torch path.
     """
 
     name = "cpu"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        ops = cpu_ops()
+        if not self._kernels_apply(ops, q, k_cache) or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        # Caches are allocated contiguous (kv_cache.allocate_kv_caches); view() relies on it.
+        k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        num_decodes = meta.num_decodes
+        if num_decodes:
+            ops.paged_decode_attention(
+                out[:num_decodes], q[:num_decodes].contiguous(), k_cache, v_cache,
+                meta.decode_block_tables, meta.decode_seq_lens, scale,
+            )  # fmt: skip
+        if meta.prefills:
+            chunks, tables = meta.prefill_tables
+            ops.paged_prefill_attention(out, q, k_cache, v_cache, chunks, tables, scale)
+        return out
+
+    @staticmethod
+    def _kernels_apply(ops: object, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return (
+            ops is not None
+            and q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and k_cache.dtype == torch.float32
+            and k_cache.shape[1] % 16 == 0
+        )
 
     @staticmethod
     def _decode(

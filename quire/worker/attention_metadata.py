@@ -7,6 +7,7 @@ backend reads it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,3 +32,19 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [num_decodes] int64: context length including the new token
     prefills: tuple[PrefillChunk, ...]  # the remaining tokens, in order
     block_size: int
+
+    @functools.cached_property
+    def prefill_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill chunks as two tensors, for kernels that take every chunk in one call:
+        ``[num_chunks, 3]`` int64 rows of (query_start, query_len, num_computed), and their block
+        tables ``[num_chunks, max_blocks]`` int64, rows padded with 0. Built once per step (the
+        metadata is shared by every layer) on the first layer that asks."""
+        device = self.slot_mapping.device
+        chunks = torch.tensor(
+            [[c.query_start, c.query_len, c.num_computed] for c in self.prefills], dtype=torch.int64
+        ).reshape(-1, 3)
+        max_blocks = max((c.block_ids.numel() for c in self.prefills), default=0)
+        tables = torch.zeros(len(self.prefills), max_blocks, dtype=torch.int64)
+        for row, chunk in zip(tables, self.prefills, strict=True):
+            row[: chunk.block_ids.numel()] = chunk.block_ids
+        return chunks.to(device), tables.to(device)

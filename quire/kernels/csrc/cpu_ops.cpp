@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -309,6 +310,191 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   });
 }
 // ---------------------------------------------------------------------------------------------
+// paged_prefill_attention: causal attention for the prefill chunks of a step, reading K/V from the
+// paged cache (the step's own K/V is written there first), so a chunk that continues a cached
+// prefix (chunked prefill, prefix-cache hits, recompute) is handled like a fresh prompt and no
+// context is gathered into a copy.
+//
+// A work item is (chunk, kv head, tile of up to kPrefillTile query tokens); its rows are the tile's
+// tokens times the `group` query heads of that kv head, so each key block is transposed once for
+// all of them. Keys go one cache block at a time with an online softmax (running max and sum per
+// row, the output rescaled when the max grows). Items are taken from a shared counter, longest
+// first, because causal tiles late in a long chunk cost many times more than early ones.
+
+namespace {
+
+constexpr int64_t kPrefillTile = 16;  // query tokens per work item
+constexpr int64_t kKeyWidth = 16;     // keys scored per microkernel pass (two AVX2 vectors)
+
+struct PrefillItem {
+  int64_t chunk, kv_head, first_token, num_tokens, cost;
+};
+
+#ifdef QUIRE_AVX2
+// scores[r][0:16] = queries[r] . keys_t[:, 0:16] for ROWS consecutive rows of `queries`
+// (row stride head_dim); keys_t is [head_dim][16], the key block transposed.
+template <int ROWS>
+inline void score_rows(const float* queries, int64_t head_dim, const float* keys_t, float* scores) {
+  __m256 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(keys_t + d * kKeyWidth);
+    const __m256 k1 = _mm256_loadu_ps(keys_t + d * kKeyWidth + 8);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 qv = _mm256_broadcast_ss(queries + r * head_dim + d);
+      acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    _mm256_storeu_ps(scores + r * kKeyWidth, acc[r][0]);
+    _mm256_storeu_ps(scores + r * kKeyWidth + 8, acc[r][1]);
+  }
+}
+#endif
+
+// scores[r][0:16] for all `rows` rows; keys past the block's end are zero columns of keys_t.
+void score_block(const float* queries, int64_t rows, int64_t head_dim, const float* keys_t, float* scores) {
+  int64_t r = 0;
+#ifdef QUIRE_AVX2
+  for (; r + 6 <= rows; r += 6) score_rows<6>(queries + r * head_dim, head_dim, keys_t, scores + r * kKeyWidth);
+  switch (rows - r) {
+    case 5: score_rows<5>(queries + r * head_dim, head_dim, keys_t, scores + r * kKeyWidth); return;
+    case 4: score_rows<4>(queries + r * head_dim, head_dim, keys_t, scores + r * kKeyWidth); return;
+    case 3: score_rows<3>(queries + r * head_dim, head_dim, keys_t, scores + r * kKeyWidth); return;
+    case 2: score_rows<2>(queries + r * head_dim, head_dim, keys_t, scores + r * kKeyWidth); return;
+    case 1: score_rows<1>(queries + r * head_dim, head_dim, keys_t, scores + r * kKeyWidth); return;
+    default: return;
+  }
+#endif
+  for (; r < rows; ++r) {
+    for (int64_t j = 0; j < kKeyWidth; ++j) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) sum += queries[r * head_dim + d] * keys_t[d * kKeyWidth + j];
+      scores[r * kKeyWidth + j] = sum;
+    }
+  }
+}
+
+}  // namespace
+
+void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                             torch::Tensor chunks, torch::Tensor block_tables, double scale) {
+  for (const torch::Tensor* t : {&out, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "paged_prefill_attention: out and the caches must be contiguous float32 on CPU");
+  }
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
+                  q.stride(1) == q.size(2),
+              "q must be a float32 [tokens, num_heads, head_dim] CPU tensor with contiguous heads");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out and q shapes differ");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2),
+              "caches must be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(k_cache.size(1) % kKeyWidth == 0, "block_size must be a multiple of 16");
+  TORCH_CHECK(chunks.scalar_type() == torch::kInt64 && chunks.is_contiguous() && chunks.dim() == 2 &&
+                  chunks.size(1) == 3,
+              "chunks must be a contiguous int64 [num_chunks, 3] tensor (query_start, query_len, num_computed)");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.size(0) == chunks.size(0),
+              "block_tables must be a contiguous int64 [num_chunks, max_blocks] tensor");
+  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t q_token_stride = q.stride(0);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t block_stride = block_size * token_stride;
+  const int64_t* info = chunks.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+
+  std::vector<PrefillItem> items;
+  for (int64_t c = 0; c < chunks.size(0); ++c) {
+    const int64_t start = info[3 * c], len = info[3 * c + 1], computed = info[3 * c + 2];
+    TORCH_CHECK(start >= 0 && len >= 0 && start + len <= num_tokens && computed >= 0,
+                "chunk rows out of range of q");
+    const int64_t context = computed + len;
+    TORCH_CHECK(context <= max_blocks * block_size, "chunk context longer than its block table");
+    for (int64_t j = 0; j < (context + block_size - 1) / block_size; ++j) {
+      const int64_t block = tables[c * max_blocks + j];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of range");
+    }
+    for (int64_t first = 0; first < len; first += kPrefillTile) {
+      const int64_t n = std::min(kPrefillTile, len - first);
+      for (int64_t h = 0; h < num_kv_heads; ++h) items.push_back({c, h, first, n, n * (computed + first + n)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const PrefillItem& a, const PrefillItem& b) { return a.cost > b.cost; });
+
+  const float* q_data = q.data_ptr<float>();
+  const float* k_data = k_cache.data_ptr<float>();
+  const float* v_data = v_cache.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+  const int64_t max_rows = kPrefillTile * group;
+  std::atomic<int64_t> next_item{0};
+  const int64_t num_items = static_cast<int64_t>(items.size());
+
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_items), 1, [&](int64_t, int64_t) {
+    std::vector<float> queries(max_rows * head_dim), acc(max_rows * head_dim), keys_t(head_dim * kKeyWidth);
+    std::vector<float> scores(max_rows * kKeyWidth), row_max(max_rows), row_sum(max_rows);
+    for (int64_t i = next_item++; i < num_items; i = next_item++) {
+      const PrefillItem& item = items[i];
+      const int64_t start = info[3 * item.chunk], computed = info[3 * item.chunk + 2];
+      const int64_t* table = tables + item.chunk * max_blocks;
+      const int64_t rows = item.num_tokens * group;  // row r: token r / group, query head r % group
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* src = q_data + (start + item.first_token + r / group) * q_token_stride +
+                           (item.kv_head * group + r % group) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) queries[r * head_dim + d] = src[d] * softmax_scale;
+      }
+      std::fill(acc.begin(), acc.begin() + rows * head_dim, 0.0f);
+      std::fill(row_max.begin(), row_max.begin() + rows, -INFINITY);
+      std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
+      const int64_t first_pos = computed + item.first_token;  // absolute position of the tile's first token
+      const int64_t num_keys = first_pos + item.num_tokens;  // the last token sees keys 0 .. num_keys - 1
+      for (int64_t key0 = 0; key0 < num_keys; key0 += kKeyWidth) {
+        const int64_t n = std::min(kKeyWidth, num_keys - key0);
+        const int64_t block = table[key0 / block_size];
+        const int64_t offset = key0 % block_size;
+        const float* keys = k_data + block * block_stride + offset * token_stride + item.kv_head * head_dim;
+        const float* values = v_data + block * block_stride + offset * token_stride + item.kv_head * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          for (int64_t j = 0; j < kKeyWidth; ++j) keys_t[d * kKeyWidth + j] = j < n ? keys[j * token_stride + d] : 0.0f;
+        }
+        score_block(queries.data(), rows, head_dim, keys_t.data(), scores.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          // Causal: this row's token sees keys up to its own position.
+          const int64_t visible = std::min(n, first_pos + r / group - key0 + 1);
+          if (visible <= 0) continue;
+          float* row_scores = scores.data() + r * kKeyWidth;
+          const float block_max = *std::max_element(row_scores, row_scores + visible);
+          const float new_max = std::max(row_max[r], block_max);
+          float* row_acc = acc.data() + r * head_dim;
+          if (new_max > row_max[r] && row_sum[r] > 0.0f) {
+            const float rescale = std::exp(row_max[r] - new_max);
+            row_sum[r] *= rescale;
+            for (int64_t d = 0; d < head_dim; ++d) row_acc[d] *= rescale;
+          }
+          row_max[r] = new_max;
+          row_sum[r] += exp_and_sum(row_scores, visible, new_max);
+          for (int64_t d0 = 0; d0 < head_dim; d0 += kValueSlice) {
+            accumulate_values(values + d0, token_stride, row_scores, visible, std::min(kValueSlice, head_dim - d0),
+                              row_acc + d0);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = out_data + (start + item.first_token + r / group) * num_heads * head_dim +
+                     (item.kv_head * group + r % group) * head_dim;
+        const float inverse = 1.0f / row_sum[r];
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = acc[r * head_dim + d] * inverse;
+      }
+    }
+  });
+}
+// ---------------------------------------------------------------------------------------------
 // Fused elementwise steps of a decoder layer: one pass over the data instead of one per torch op,
 // and no temporaries. Both are row-parallel over tokens.
 
@@ -325,10 +511,11 @@ inline __m256 silu8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 negative_abs = _mm256_or_ps(x, _mm256_set1_ps(-0.0f));
   const __m256 e = exp_nonpositive(negative_abs);  // e^-|x|
-  const __m256 sigmoid_pos = _mm256_div_ps(one, _mm256_add_ps(one, e));
-  const __m256 sigmoid_neg = _mm256_div_ps(e, _mm256_add_ps(one, e));
+  // sigmoid(x) = 1 / (1 + e^-|x|) for x >= 0 and e^-|x| / (1 + e^-|x|) below: pick the numerator
+  // first, so one division serves both (the division is the costliest instruction here).
   const __m256 is_negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
-  return _mm256_mul_ps(x, _mm256_blendv_ps(sigmoid_pos, sigmoid_neg, is_negative));
+  const __m256 numerator = _mm256_blendv_ps(one, e, is_negative);
+  return _mm256_mul_ps(x, _mm256_div_ps(numerator, _mm256_add_ps(one, e)));
 }
 #endif
 
@@ -449,6 +636,58 @@ void rotary_embedding(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, i
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// One decoder layer of a decode-only step in a single call from Python: the kernels above, in the
+// order of DecoderLayer.forward's CPU path (add+norm, qkv GEMM, rotary, cache write, decode
+// attention, o GEMM, add+norm, gate|up GEMM, SiLU*up, down GEMM). At decode sizes the layer's
+// arithmetic takes ~2-3 ms, and the ~25 Python-level calls between those kernels cost a sizeable
+// fraction of that; here they are plain C++ calls. weights = {input_norm, qkv_panels, o_panels,
+// post_attention_norm, gate_up_panels, down_panels}. Returns the MLP output; residual is updated
+// in place, as fused_add_rms_norm does.
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor residual, const std::vector<torch::Tensor>& weights,
+                           c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                           torch::Tensor block_tables, torch::Tensor seq_lens, int64_t num_heads, double eps,
+                           double scale) {
+  TORCH_CHECK(weights.size() == 6, "decode_layer: weights must be {input_norm, qkv, o, post_norm, gate_up, down}");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == torch::kFloat32,
+              "caches must be contiguous float32 [num_blocks, block_size, num_kv_heads, head_dim]");
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  const int64_t num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+  const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == tokens,
+              "slot_mapping must be a contiguous int64 [tokens] tensor");
+  const torch::Tensor& down = weights[5];
+  const int64_t intermediate = down.size(1);
+
+  fused_add_rms_norm(x, residual, weights[0], eps);
+  torch::Tensor qkv = packed_linear(x, weights[1], q_width + 2 * kv_width, qkv_bias);
+  rotary_embedding(qkv, cos, sin, num_heads + num_kv_heads, head_dim);
+  // This step's keys and values into their cache slots.
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* qkv_data = qkv.data_ptr<float>();
+  float* k_data = k_cache.data_ptr<float>();
+  float* v_data = v_cache.data_ptr<float>();
+  const int64_t row_width = q_width + 2 * kv_width;
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot out of range of the cache");
+    const float* row = qkv_data + t * row_width;
+    std::copy(row + q_width, row + q_width + kv_width, k_data + slots[t] * kv_width);
+    std::copy(row + q_width + kv_width, row + row_width, v_data + slots[t] * kv_width);
+  }
+  torch::Tensor q = qkv.narrow(1, 0, q_width).contiguous().view({tokens, num_heads, head_dim});
+  torch::Tensor attention = torch::empty_like(q);
+  paged_decode_attention(attention, q, k_cache, v_cache, block_tables, seq_lens, scale);
+  torch::Tensor h = packed_linear(attention.view({tokens, q_width}), weights[2], hidden, c10::nullopt);
+  fused_add_rms_norm(h, residual, weights[3], eps);
+  torch::Tensor gate_up = packed_linear(h, weights[4], 2 * intermediate, c10::nullopt);
+  return packed_linear(silu_and_mul(gate_up), down, hidden, c10::nullopt);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "in place: residual += x; x = rmsnorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a [tokens, 2 * inter] gate|up tensor");
@@ -460,4 +699,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "in place: rotary embedding of the first rotated_heads heads of a [tokens, width] q|k|v tensor");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention over a paged KV cache, in place (fp32, CPU)");
+  m.def("decode_layer", &decode_layer, "one decoder layer of a decode-only step (fp32, CPU)", py::arg("x"),
+        py::arg("residual"), py::arg("weights"), py::arg("qkv_bias"), py::arg("cos"), py::arg("sin"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"));
+  m.def("paged_prefill_attention", &paged_prefill_attention,
+        "Causal attention of prefill chunks over a paged KV cache, into out (fp32, CPU)");
 }
