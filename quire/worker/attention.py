@@ -65,11 +65,7 @@ class TorchPagedAttention(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        # Caches are allocated contiguous (kv_cache.allocate_kv_caches); view() relies on it.
-        k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-
+        _store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         parts: list[torch.Tensor] = []
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -146,10 +142,7 @@ class CpuPagedAttention(TorchPagedAttention):
         ops = cpu_ops()
         if not self._kernels_apply(ops, q, k_cache) or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        # Caches are allocated contiguous (kv_cache.allocate_kv_caches); view() relies on it.
-        k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        _store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -194,6 +187,16 @@ class CpuPagedAttention(TorchPagedAttention):
             out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
         )
         return out
+
+
+def _store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Each new token's K/V row into its flat cache slot."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    # Caches are allocated contiguous (kv_cache.allocate_kv_caches); view() relies on it.
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def _gather_context(

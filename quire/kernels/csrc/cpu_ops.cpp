@@ -195,31 +195,42 @@ void check_inputs(const torch::Tensor& out, const torch::Tensor& q, const torch:
               "one block table row and one length per sequence");
 }
 
+// Where rows sit in a paged cache [num_blocks, block_size, num_kv_heads, head_dim].
+struct CacheLayout {
+  int64_t num_blocks, block_size, num_kv_heads, head_dim, token_stride, block_stride;
+  explicit CacheLayout(const torch::Tensor& cache)
+      : num_blocks(cache.size(0)),
+        block_size(cache.size(1)),
+        num_kv_heads(cache.size(2)),
+        head_dim(cache.size(3)),
+        token_stride(num_kv_heads * head_dim),
+        block_stride(block_size * token_stride) {}
+};
+
+// The block table row of a context of `context` tokens must name blocks of the cache.
+void check_block_ids(const int64_t* row, int64_t context, const CacheLayout& cache) {
+  for (int64_t j = 0; j < (context + cache.block_size - 1) / cache.block_size; ++j) {
+    TORCH_CHECK(row[j] >= 0 && row[j] < cache.num_blocks, "block id out of range");
+  }
+}
+
 }  // namespace
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   check_inputs(out, q, k_cache, v_cache, block_tables, seq_lens);
-  const int64_t num_seqs = q.size(0);
-  const int64_t num_heads = q.size(1);
-  const int64_t head_dim = q.size(2);
-  const int64_t num_blocks = k_cache.size(0);
-  const int64_t block_size = k_cache.size(1);
-  const int64_t num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t token_stride = num_kv_heads * head_dim;
-  const int64_t block_stride = block_size * token_stride;
+  const CacheLayout cache(k_cache);
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = cache.head_dim;
+  const int64_t block_size = cache.block_size, num_kv_heads = cache.num_kv_heads;
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t token_stride = cache.token_stride, block_stride = cache.block_stride;
 
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   for (int64_t s = 0; s < num_seqs; ++s) {
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size,
                 "sequence length out of range of its block table");
-    for (int64_t j = 0; j < (lens[s] + block_size - 1) / block_size; ++j) {
-      const int64_t block = tables[s * max_blocks + j];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of range");
-    }
+    check_block_ids(tables + s * max_blocks, lens[s], cache);
   }
   const float* q_data = q.data_ptr<float>();
   const float* k_data = k_cache.data_ptr<float>();
@@ -317,8 +328,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 //
 // A work item is (chunk, kv head, tile of up to kPrefillTile query tokens); its rows are the tile's
 // tokens times the `group` query heads of that kv head, so each key block is transposed once for
-// all of them. Keys go one cache block at a time with an online softmax (running max and sum per
-// row, the output rescaled when the max grows). Items are taken from a shared counter, longest
+// all of them. Keys go 16 at a time (block_size is a multiple of 16, so a group of keys never
+// straddles two cache blocks) with an online softmax (running max and sum per row, the output
+// rescaled when the max grows). Items are taken from a shared counter, longest
 // first, because causal tiles late in a long chunk cost many times more than early ones.
 
 namespace {
@@ -398,13 +410,12 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() &&
                   block_tables.dim() == 2 && block_tables.size(0) == chunks.size(0),
               "block_tables must be a contiguous int64 [num_chunks, max_blocks] tensor");
-  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t q_token_stride = q.stride(0);
-  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
+  const CacheLayout cache(k_cache);
+  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = cache.head_dim;
+  const int64_t q_token_stride = q.stride(0), block_size = cache.block_size;
+  const int64_t num_kv_heads = cache.num_kv_heads, group = num_heads / num_kv_heads;
+  const int64_t token_stride = cache.token_stride, block_stride = cache.block_stride;
   const int64_t max_blocks = block_tables.size(1);
-  const int64_t token_stride = num_kv_heads * head_dim;
-  const int64_t block_stride = block_size * token_stride;
   const int64_t* info = chunks.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
 
@@ -415,10 +426,7 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
                 "chunk rows out of range of q");
     const int64_t context = computed + len;
     TORCH_CHECK(context <= max_blocks * block_size, "chunk context longer than its block table");
-    for (int64_t j = 0; j < (context + block_size - 1) / block_size; ++j) {
-      const int64_t block = tables[c * max_blocks + j];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of range");
-    }
+    check_block_ids(tables + c * max_blocks, context, cache);
     for (int64_t first = 0; first < len; first += kPrefillTile) {
       const int64_t n = std::min(kPrefillTile, len - first);
       for (int64_t h = 0; h < num_kv_heads; ++h) items.push_back({c, h, first, n, n * (computed + first + n)});
