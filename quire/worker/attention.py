@@ -14,7 +14,7 @@ serves every layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 from typing import ClassVar
 
 import torch
@@ -140,30 +140,23 @@ class CpuPagedAttention(TorchPagedAttention):
         scale: float,
     ) -> torch.Tensor:
         ops = cpu_ops()
-        if not self._kernels_apply(ops, q, k_cache) or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        # The prefill kernel scores keys 16 at a time within a block and reads q rows in place.
+        if (
+            not _kernels_apply(ops, q, k_cache)
+            or k_cache.shape[1] % 16 != 0
+            or q.stride(2) != 1
+            or q.stride(1) != q.shape[2]
+        ):
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
         _store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
         if num_decodes:
-            ops.paged_decode_attention(
-                out[:num_decodes], q[:num_decodes].contiguous(), k_cache, v_cache,
-                meta.decode_block_tables, meta.decode_seq_lens, scale,
-            )  # fmt: skip
+            _decode_into(ops, out[:num_decodes], q[:num_decodes], k_cache, v_cache, meta, scale)
         if meta.prefills:
             chunks, tables = meta.prefill_tables
             ops.paged_prefill_attention(out, q, k_cache, v_cache, chunks, tables, scale)
         return out
-
-    @staticmethod
-    def _kernels_apply(ops: object, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        return (
-            ops is not None
-            and q.device.type == "cpu"
-            and q.dtype == torch.float32
-            and k_cache.dtype == torch.float32
-            and k_cache.shape[1] % 16 == 0
-        )
 
     @staticmethod
     def _decode(
@@ -174,19 +167,36 @@ class CpuPagedAttention(TorchPagedAttention):
         scale: float,
     ) -> torch.Tensor:
         ops = cpu_ops()
-        if (
-            ops is None
-            or q.device.type != "cpu"
-            or q.dtype != torch.float32
-            or k_cache.dtype != torch.float32
-        ):
+        if not _kernels_apply(ops, q, k_cache):
             return TorchPagedAttention._decode(q, k_cache, v_cache, meta, scale)
-        q = q.contiguous()
-        out = torch.empty_like(q)
-        ops.paged_decode_attention(
-            out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
-        )
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        _decode_into(ops, out, q, k_cache, v_cache, meta, scale)
         return out
+
+
+def _kernels_apply(ops: ModuleType | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The compiled attention kernels cover fp32 queries and caches on CPU."""
+    return (
+        ops is not None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_cache.dtype == torch.float32
+    )
+
+
+def _decode_into(
+    ops: ModuleType,
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> None:
+    """The decode kernel over the first ``meta.num_decodes`` tokens, into contiguous ``out``."""
+    ops.paged_decode_attention(
+        out, q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+    )
 
 
 def _store_kv(
