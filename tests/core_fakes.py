@@ -34,6 +34,11 @@ class CheckingExecutor:
         return seq.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        self.apply_plan(plan)
+        return self.compute(plan)
+
+    def apply_plan(self, plan: SchedulerOutput) -> None:
+        """Take in what the plan says changed (what a runner does before running the model)."""
         self.steps += 1
         for request_id in plan.finished_request_ids:
             self.seqs.pop(request_id, None)
@@ -46,6 +51,8 @@ class CheckingExecutor:
             assert seq.num_computed == cached.num_computed_tokens, (cached, seq.num_computed)
             seq.block_ids.extend(cached.new_block_ids)
 
+    def compute(self, plan: SchedulerOutput) -> RunnerOutput:
+        """Check and "compute" the scheduled tokens of an applied plan, sampling random tokens."""
         assert sum(plan.num_scheduled_tokens.values()) == plan.total_num_scheduled_tokens
         sampled_ids, sampled_tokens = [], []
         for request_id, count in plan.num_scheduled_tokens.items():

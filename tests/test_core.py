@@ -12,7 +12,8 @@ from quire.config import SchedulerConfig
 from quire.core.block_pool import BlockPool
 from quire.core.engine_core import EngineCore
 from quire.core.kv_manager import KVCacheManager
-from quire.core.request import EngineCoreRequest, Request
+from quire.core.outputs import RequestExecutionError, RunnerOutput, SchedulerOutput
+from quire.core.request import EngineCoreRequest, Request, RequestStatus
 from quire.core.scheduler import RequestRejected
 from quire.sampling import SamplingParams
 
@@ -399,3 +400,157 @@ def test_lone_running_request_reclaims_blocks_parked_by_waiting_siblings():
         counts[key] = counts.get(key, 0) + len(out.new_token_ids)
     assert counts == {("a", 0): 7, ("a", 1): 7, ("a", 2): 7, ("b", 0): 1, ("b", 1): 1}
     assert_all_free(kv)
+
+
+# ------------------------------------------------------------ runner failures (issue 11)
+
+
+class FailingExecutor(CheckingExecutor):
+    """A CheckingExecutor that fails steps on demand, the two ways a runner can fail.
+
+    ``refuse`` holds sequence ids the runner refuses like the model runner's token-id range
+    check: the plan is applied first, then ``RequestExecutionError`` names them. ``crashes``
+    counts upcoming non-empty steps that die with an unattributed error before anything is
+    applied (a kernel or device failure)."""
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+        super().__init__(num_blocks, block_size, seed=seed)
+        self.refuse: set[str] = set()
+        self.crashes = 0
+
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        if self.crashes and not plan.is_empty:
+            self.crashes -= 1
+            raise RuntimeError("injected device failure")
+        self.apply_plan(plan)
+        refused = self.refuse & set(plan.num_scheduled_tokens)
+        if refused:
+            raise RequestExecutionError("injected: token ids outside the vocabulary", refused)
+        return self.compute(plan)
+
+
+def make_failing_core(num_blocks=64, budget=32, max_len=128, max_failures=3, seed=0, caching=True):
+    kv = KVCacheManager(num_blocks, BLOCK, enable_caching=caching)
+    executor = FailingExecutor(num_blocks, BLOCK, seed=seed)
+    config = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=max_len, enable_chunked_prefill=True
+    )
+    core = EngineCore(config, kv, executor, max_consecutive_failures=max_failures)
+    return core, kv, executor
+
+
+def finish_reasons(outputs) -> dict[tuple[str, int], str]:
+    return {(o.request_id, o.index): o.finish_reason for o in outputs if o.finish_reason is not None}
+
+
+def test_refused_request_fails_alone_and_the_rest_of_its_step_runs():
+    core, kv, executor = make_failing_core()
+    core.add_request(core_request("good", [1, 2, 3], max_tokens=4))
+    core.step()  # "good" is decoding when the bad one arrives
+    core.add_request(core_request("bad", [4, 5, 6, 7], max_tokens=4))
+    core.add_request(core_request("also-good", [1, 2], max_tokens=4))
+    executor.refuse = {"bad"}
+    outputs, _ = core.step()
+    # The step ran again without the culprit: the others got their token in this very step.
+    assert finish_reasons(outputs) == {("bad", 0): "error"}
+    assert {o.request_id for o in outputs if o.new_token_ids} == {"good", "also-good"}
+    rest = run_to_completion(core)
+    assert finish_reasons(rest) == {("good", 0): "length", ("also-good", 0): "length"}
+    assert_all_free(kv)
+    core.step()  # the runner was told to forget the failed request too
+    assert not executor.seqs
+
+
+def test_unattributed_failure_fails_its_step_and_the_engine_keeps_serving():
+    core, kv, executor = make_failing_core()
+    core.add_request(core_request("a", [1, 2, 3], max_tokens=4))
+    core.add_request(core_request("b", [1, 2, 3, 4, 5], max_tokens=4, n=2))  # sibling not started yet
+    executor.crashes = 1
+    outputs, stats = core.step()
+    assert finish_reasons(outputs) == {("a", 0): "error", ("b", 0): "error", ("b", 1): "error"}
+    assert stats.num_generation_tokens == 0
+    assert not core.has_unfinished()
+    assert_all_free(kv)
+    core.add_request(core_request("c", [1, 2], max_tokens=3))
+    assert finish_reasons(run_to_completion(core)) == {("c", 0): "length"}
+    core.step()
+    assert not executor.seqs
+
+
+def test_consecutive_unattributed_failures_give_up():
+    core, _, executor = make_failing_core(max_failures=2)
+    core.add_request(core_request("a", [1, 2, 3], max_tokens=4))
+    executor.crashes = 1
+    core.step()
+    core.add_request(core_request("b", [1, 2, 3], max_tokens=4))  # a success in between resets
+    core.step()
+    executor.crashes = 2
+    core.add_request(core_request("c", [1, 2, 3], max_tokens=4))
+    core.step()
+    core.add_request(core_request("d", [1, 2, 3], max_tokens=4))
+    with pytest.raises(RuntimeError, match="2 engine steps in a row failed"):
+        core.step()
+
+
+def test_error_finish_reaches_the_request_status():
+    assert RequestStatus.FINISHED_ERROR.is_finished
+    assert RequestStatus.FINISHED_ERROR.finish_reason == "error"
+
+
+failure_operation = st.one_of(
+    operation,
+    st.tuples(st.just("refuse"), st.integers(0, 50)),
+    st.tuples(st.just("crash"), st.integers(1, 2)),
+)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(failure_operation, min_size=1, max_size=50),
+    num_blocks=st.integers(6, 40),
+    budget=st.integers(8, 40),
+    caching=st.booleans(),
+)
+def test_random_failures_never_leak_blocks_or_lose_requests(ops, num_blocks, budget, caching):
+    core, kv, executor = make_failing_core(
+        num_blocks=num_blocks, budget=budget, max_len=64, max_failures=1000, caching=caching
+    )
+    added: dict[str, int] = {}  # request id -> n
+    ended_by_client: set[tuple[str, int | None]] = set()  # aborted (index None) or stopped
+    outputs = []
+    for op in ops:
+        if op[0] == "add":
+            _, prompt, max_tokens, priority, n = op
+            rid = f"r{len(added)}"
+            try:
+                core.add_request(core_request(rid, prompt, max_tokens=max_tokens, n=n, priority=priority))
+                added[rid] = n
+            except RequestRejected:
+                pass
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                outputs += core.step()[0]
+                kv.pool.check_invariants()
+        elif op[0] == "crash":
+            executor.crashes = op[1]
+        elif added:
+            rid = list(added)[op[1] % len(added)]
+            if op[0] == "refuse":
+                executor.refuse.add(rid)
+            elif op[0] == "abort":
+                core.abort(rid)
+                ended_by_client.add((rid, None))
+            else:
+                core.finish_stopped(rid, 0)
+                ended_by_client.add((rid, 0))
+    outputs += run_to_completion(core)
+    assert_all_free(kv)
+    core.step()
+    assert not executor.seqs
+    # Every sequence the client did not end itself ended exactly once: none is lost or doubled.
+    ends = [(o.request_id, o.index) for o in outputs if o.finish_reason is not None]
+    assert len(ends) == len(set(ends))
+    for rid, n in added.items():
+        for index in range(n):
+            if (rid, None) not in ended_by_client and (rid, index) not in ended_by_client:
+                assert (rid, index) in ends

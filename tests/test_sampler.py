@@ -404,7 +404,7 @@ def batches(draw: st.DrawFn) -> tuple[int, torch.Tensor, list[SamplingState]]:
             frequency_penalty=draw(st.sampled_from([0.0, -2.0, 0.7, 2.0])),
             presence_penalty=draw(st.sampled_from([0.0, -1.0, 1.5])),
             logit_bias=draw(st.dictionaries(any_ids, st.floats(-100, 100), max_size=3)),
-            seed=draw(st.none() | st.integers(-(2**63), 2**63)),
+            seed=draw(st.none() | st.integers(-(2**63), 2**63 - 1)),
             min_tokens=draw(st.integers(0, 3)),
             max_tokens=None,
             ignore_eos=draw(st.booleans()),
@@ -456,3 +456,116 @@ def test_random_parameter_mixes_sample_valid_tokens(
             assert lp is not None and lp.token_id == token
             assert lp.logprob == pytest.approx(raw_lp[i, token].item(), abs=1e-4)
             assert len(lp.top_token_ids) == min(p.logprobs, vocab)
+
+
+# ---- robustness: never an id outside the vocabulary (issue 11, defect 1) ----
+
+
+def unchecked(**fields: object) -> SamplingParams:
+    """SamplingParams with validation bypassed, as a caller building the object by hand could."""
+    params = SamplingParams()
+    for name, value in fields.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        unchecked(top_p=1e-50),  # 0 in float32: the nucleus used to lose even its top token
+        unchecked(repetition_penalty=1e-50),  # seen positive logits divided by 0 -> +inf -> NaN
+        unchecked(temperature=1e39, min_tokens=3),  # inf in float32: 0 / inf and -inf / inf = NaN
+        unchecked(temperature=math.inf),
+        unchecked(min_p=math.nan),
+    ],
+    ids=["top_p", "repetition_penalty", "temperature+min_tokens", "temperature-inf", "min_p-nan"],
+)
+def test_extreme_parameters_that_skip_validation_still_sample_in_vocabulary(params: SamplingParams) -> None:
+    logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * 5
+    states = [state(params, prompt=[1, 2, 3, 4, 5], eos={0, 7}) for _ in range(4)]
+    tokens = Sampler(32, CPU, seed=0)(logits, states).token_ids
+    assert all(0 <= t < 32 for t in tokens)
+
+
+def test_rows_with_nothing_to_sample_fall_back_to_the_argmax() -> None:
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    logits[0] = math.nan
+    logits[1] = -math.inf
+    logits[2, 5] = math.inf  # softmax of a row holding +inf is NaN everywhere
+    logits[3, :] = -math.inf
+    logits[3, 9] = math.nan
+    params = [SamplingParams(temperature=0.8, seed=i) for i in range(5)]
+    out = Sampler(16, CPU, seed=0)(logits, [state(p) for p in params])
+    # NaN counts as -inf; a row with no usable value at all gets token 0.
+    assert out.token_ids[:4] == [0, 0, 5, 0]
+    assert 0 <= out.token_ids[4] < 16
+
+
+def test_tiny_top_p_keeps_the_most_likely_token() -> None:
+    row = log_probs([0.1, 0.6, 0.3])
+    assert sampled_set(Sampler(3, CPU, seed=0), row, unchecked(top_p=1e-50), n=200) == {1}
+    assert sampled_set(Sampler(3, CPU, seed=0), row, SamplingParams(top_p=1e-6), n=200) == {1}
+
+
+_SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, 3.4e38, -3.4e38, 0.0, 1e-45]
+
+
+@st.composite
+def hostile_batches(draw: st.DrawFn) -> tuple[int, torch.Tensor, list[SamplingState]]:
+    """Arbitrary logits (finite, huge, +-inf, NaN; fp32, fp16 or bf16) and arbitrary valid parameters."""
+    from quire import sampling as sp
+
+    vocab = draw(st.integers(1, 24))
+    width = vocab + draw(st.integers(0, 2))
+    num_rows = draw(st.integers(1, 5))
+    value = st.floats(-1e4, 1e4, width=32) | st.sampled_from(_SPECIAL_FLOATS)
+    values = draw(st.lists(value, min_size=num_rows * width, max_size=num_rows * width))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    logits = torch.tensor(values, dtype=torch.float32).reshape(num_rows, width).to(dtype)
+    any_ids = st.integers(0, vocab + 3)
+    states = []
+    for _ in range(num_rows):
+        params = SamplingParams(
+            temperature=draw(
+                st.floats(0.0, sp.MAX_TEMPERATURE) | st.sampled_from([0.0, 1e-5, sp.MAX_TEMPERATURE])
+            ),
+            top_p=draw(st.floats(sp.MIN_TOP_P, 1.0) | st.sampled_from([sp.MIN_TOP_P, 1.0])),
+            top_k=draw(st.sampled_from([-1, 0, 1, 2, vocab, 2**31 - 1]) | st.integers(1, vocab + 2)),
+            min_p=draw(st.floats(0.0, 1.0)),
+            repetition_penalty=draw(
+                st.floats(sp.MIN_REPETITION_PENALTY, sp.MAX_REPETITION_PENALTY)
+                | st.sampled_from([sp.MIN_REPETITION_PENALTY, 1.0, sp.MAX_REPETITION_PENALTY])
+            ),
+            presence_penalty=draw(st.floats(-2.0, 2.0)),
+            frequency_penalty=draw(st.floats(-2.0, 2.0)),
+            logit_bias=draw(st.dictionaries(any_ids, st.floats(-100.0, 100.0), max_size=3)),
+            seed=draw(st.none() | st.integers(sp.MIN_SEED, sp.MAX_SEED)),
+            min_tokens=draw(st.integers(0, 3)),
+            max_tokens=None,
+            stop_token_ids=draw(st.lists(any_ids, max_size=3)),
+            logprobs=draw(st.none() | st.integers(0, 5)),
+        )
+        states.append(
+            state(
+                params,
+                prompt=draw(st.lists(any_ids, max_size=6)),
+                output=draw(st.lists(st.integers(0, vocab - 1), max_size=4)),
+                eos=draw(st.sets(st.integers(0, vocab - 1), max_size=2)),
+            )
+        )
+    return vocab, logits, states
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_batches())
+def test_any_logits_and_valid_parameters_sample_inside_the_vocabulary(
+    batch: tuple[int, torch.Tensor, list[SamplingState]],
+) -> None:
+    vocab, logits, states = batch
+    out = Sampler(vocab, CPU, seed=0)(logits, states)
+    assert len(out.token_ids) == len(states)
+    assert all(isinstance(t, int) and 0 <= t < vocab for t in out.token_ids), out.token_ids
+    for token, lp, s in zip(out.token_ids, out.logprobs, states, strict=True):
+        assert (lp is None) == (s.params.logprobs is None)
+        if lp is not None:
+            assert lp.token_id == token and all(0 <= t < vocab for t in lp.top_token_ids)

@@ -56,6 +56,16 @@ class TokenLogprobs:
     top_logprobs: list[float]
 
 
+class RequestExecutionError(RuntimeError):
+    """The runner refused to run a step because of what some requests carry (e.g. a token id
+    outside the model's vocabulary). Raised before the model runs and after the runner has
+    applied the plan, so every other request of the step can simply be scheduled again."""
+
+    def __init__(self, message: str, request_ids: frozenset[str] | set[str]) -> None:
+        super().__init__(message)
+        self.request_ids = frozenset(request_ids)
+
+
 @dataclass(frozen=True)
 class RunnerOutput:
     """What the model runner sampled: one entry per request that reached the end of its tokens."""

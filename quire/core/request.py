@@ -19,6 +19,9 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # The engine could not run this sequence (the runner rejected its input or a step failed);
+    # the rest of the engine keeps serving.
+    FINISHED_ERROR = "error"
 
     @property
     def is_finished(self) -> bool:

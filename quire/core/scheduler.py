@@ -94,6 +94,16 @@ class Scheduler:
             self._known_to_runner.discard(request_id)
         return request
 
+    def take_pending_children(self, request_id: str) -> list[Request]:
+        """Remove and return the not-yet-started siblings of ``request_id`` (they would have
+        shared its prompt); the caller finishes them."""
+        return self._pending_children.pop(request_id, [])
+
+    def resend_finished(self, request_ids: frozenset[str]) -> None:
+        """Tell the runner again, at the next step, to forget these ids: a step that failed may
+        have failed before the runner read them. Ids the runner knows again are left out."""
+        self._finished_ids.update(request_ids - self._known_to_runner)
+
     @property
     def num_waiting(self) -> int:
         return self._num_waiting

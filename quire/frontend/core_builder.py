@@ -35,9 +35,23 @@ class EngineInfo:
         return self.num_blocks * self.block_size
 
 
+def check_tokenizer_fits_model(model_path: str) -> None:
+    """Refuse a model directory whose tokenizer can produce ids past the model's vocabulary.
+
+    Runs before the weights load, so a mismatch costs a second, not a model load, and is never
+    found later by the first prompt that happens to produce such an id (which would fail the
+    request, or on some devices read outside the embedding table)."""
+    from quire.frontend.input_processor import check_vocab_fits
+    from quire.models.hf_config import ModelArchConfig
+    from quire.tokenizer import Tokenizer
+
+    check_vocab_fits(Tokenizer.from_dir(model_path), ModelArchConfig.from_dir(model_path).vocab_size)
+
+
 def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, EngineInfo]:
     from quire.worker.worker import build_worker  # torch lives below this line
 
+    check_tokenizer_fits_model(model_path)
     cache = args.cache_config()
     worker = build_worker(args.model_config(model_path), cache, show_progress=args.show_progress)
     kv = KVCacheManager(worker.num_blocks, cache.block_size, cache.enable_prefix_caching)

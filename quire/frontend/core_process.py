@@ -57,6 +57,14 @@ class EngineCoreLoop:
                 core.add_request(message.request)
             except ValueError as exc:  # RequestRejected or a duplicate id: the request's problem
                 errors.append(protocol.RequestError(message.request.request_id, str(exc)))
+            except Exception as exc:  # anything else is still this request's alone: refuse it, go on
+                logger.exception("engine core could not add request %s", message.request.request_id)
+                errors.append(
+                    protocol.RequestError(
+                        message.request.request_id,
+                        f"the engine could not accept the request ({type(exc).__name__})",
+                    )
+                )
         elif isinstance(message, protocol.AbortRequests):
             for request_id in message.request_ids:
                 core.abort(request_id)

@@ -19,12 +19,30 @@ class ProcessedPrompt:
     token_ids: list[int]
 
 
+def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer that can produce ids the model has no embedding for: found at start-up
+    with both numbers, not on the first prompt that happens to produce such an id."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} token ids (added tokens included) but the model's "
+            f"vocabulary has {vocab_size} (vocab_size in config.json): ids {vocab_size} and above "
+            "would reach past the embedding table; use the tokenizer that belongs to this model"
+        )
+    outside = sorted(t for t in tokenizer.eos_token_ids if not 0 <= t < vocab_size)
+    if outside:
+        raise ValueError(
+            f"end-of-sequence token ids {outside} are outside the model's vocabulary of {vocab_size}; "
+            "check eos_token_id in config.json and generation_config.json"
+        )
+
+
 class InputProcessor:
     """Tokenizes prompts and rejects what the engine could never serve, with the numbers."""
 
     def __init__(
         self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, kv_capacity_tokens: int
     ) -> None:
+        check_vocab_fits(tokenizer, vocab_size)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -33,7 +51,15 @@ class InputProcessor:
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         """A string is tokenized; ``{"prompt_token_ids": [...]}`` is taken as is (validated)."""
         if isinstance(prompt, str):
-            return ProcessedPrompt(prompt, self.tokenizer.encode(prompt))
+            token_ids = self.tokenizer.encode(prompt)
+            # The tokenizer was checked against the model at start-up; this guards the engine
+            # all the same, at the cost of one pass over ints the tokenizer just produced.
+            if token_ids and not 0 <= min(token_ids) <= max(token_ids) < self.vocab_size:
+                raise ValueError(
+                    f"the tokenizer produced token ids outside the model's vocabulary of {self.vocab_size} "
+                    "for this prompt; the tokenizer does not match the model"
+                )
+            return ProcessedPrompt(prompt, token_ids)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             token_ids = list(prompt["prompt_token_ids"])
             bad = [
@@ -68,8 +94,15 @@ class InputProcessor:
                 )
 
     def make_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: bytes = b"",
     ) -> tuple[ProcessedPrompt, EngineCoreRequest]:
+        """``cache_salt`` keeps the request's prefix-cache entries apart from requests with another
+        salt (the server passes one per tenant)."""
         processed = self.process_prompt(prompt)
         self.check_params(len(processed.token_ids), params)
         request = EngineCoreRequest(
@@ -79,5 +112,6 @@ class InputProcessor:
             eos_token_ids=self.tokenizer.eos_token_ids,
             arrival_time=time.monotonic(),
             priority=priority,
+            cache_salt=cache_salt,
         )
         return processed, request

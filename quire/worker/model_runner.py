@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quire.core.outputs import RunnerOutput, SchedulerOutput
+from quire.core.outputs import RequestExecutionError, RunnerOutput, SchedulerOutput
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
 from quire.worker.sampler import Sampler, SamplingState, make_generator
 
@@ -49,6 +49,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.vocab_size = vocab_size
         self.sampler = Sampler(vocab_size, device)
         self._states: dict[str, _RequestState] = {}
 
@@ -145,6 +146,7 @@ class ModelRunner:
                 sample_ids.append(request_id)
             offset += count
 
+        self._check_token_ids(input_ids, order, plan)
         device = self.device
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(slot_mapping).to(device),
@@ -160,4 +162,24 @@ class ModelRunner:
             attn=attn,
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(device),
             sample_ids=sample_ids,
+        )
+
+    def _check_token_ids(self, input_ids: np.ndarray, order: list[str], plan: SchedulerOutput) -> None:
+        """Refuse the step if a token id is outside the vocabulary, naming the requests that carry
+        one: the embedding lookup would fail for the whole batch (or read out of bounds on some
+        devices). One vectorized test per step; the search for the culprits runs only on failure.
+        Raised after ``_apply_plan``, so the engine can schedule everyone else again at once."""
+        if input_ids.size == 0 or (input_ids.min() >= 0 and input_ids.max() < self.vocab_size):
+            return
+        culprits: set[str] = set()
+        offset = 0
+        for request_id in order:
+            count = plan.num_scheduled_tokens[request_id]
+            ids = input_ids[offset : offset + count]
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                culprits.add(request_id)
+            offset += count
+        raise RequestExecutionError(
+            f"{len(culprits)} request(s) carry token ids outside the model's vocabulary of {self.vocab_size}",
+            culprits,
         )

@@ -313,16 +313,27 @@ class Sampler:
         _top_k(x, [p.top_k for p in params])
         _top_p(x, [p.top_p for p in params])
         _min_p(x, [p.min_p for p in params])
-        return self._draw(x, [_positioned_generator(states[i]) for i in rows])
+        tokens, usable = self._draw(x, [_positioned_generator(states[i]) for i in rows])
+        # One check for the whole batch. A row is unusable when it has no finite candidate left
+        # (all -inf after masking, or NaN / +inf from extreme logits or parameters): its CDF is
+        # NaN and searchsorted would answer ``vocab``, an id the model cannot embed.
+        if not bool(usable.all()):
+            tokens = torch.where(usable, tokens, _fallback_tokens(work[idx]))
+        return tokens
 
-    def _draw(self, x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    def _draw(
+        self, x: torch.Tensor, generators: list[torch.Generator | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples one token per row of logits ``x`` by inverting its CDF at one uniform draw.
 
         One random number per row (an exponential race needs ``vocab`` of them, and drawing those
         cost 3x this whole method on CPU), no device sync (unlike multinomial), and each seeded row
         draws exactly one value from its own generator per step, so its stream never depends on the
         rest of the batch. The CDF is summed in float64: near 1.0 a float32 sum has a grain of
-        6e-8, as large as the probabilities of the vocabulary's tail, which it would misweigh."""
+        6e-8, as large as the probabilities of the vocabulary's tail, which it would misweigh.
+
+        Returns the tokens and, per row, whether its distribution was usable (a finite, positive
+        total mass); the tokens of unusable rows are meaningless and may be out of range."""
         cdf = x.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)
         total = cdf[:, -1:]
         uniform = torch.empty_like(total)
@@ -335,7 +346,8 @@ class Sampler:
         # Token i owns (cdf[i-1], cdf[i]]; a target strictly below the total always lands in a
         # non-empty interval, so a masked token (p = 0, an empty interval) is never drawn.
         target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target, right=True).squeeze(1)
+        usable = (total.isfinite() & (total > 0)).squeeze(1)
+        return torch.searchsorted(cdf, target, right=True).squeeze(1), usable
 
     # ---- logprobs ----
 
@@ -419,7 +431,10 @@ def _top_p(x: torch.Tensor, top_ps: list[float]) -> None:
     # Keep a token iff the mass of strictly more likely tokens is still below top_p: that is the
     # smallest prefix reaching top_p, and always keeps the most likely token (mass before it is 0).
     mass_before = probs.cumsum(dim=-1).sub_(probs)
-    remove = torch.empty_like(mass_before, dtype=torch.bool).scatter_(1, order, mass_before >= top_p)
+    sorted_remove = mass_before >= top_p
+    # Explicitly, not by arithmetic: a top_p that rounds to 0 in float32 would drop it too.
+    sorted_remove[:, 0] = False
+    remove = torch.empty_like(mass_before, dtype=torch.bool).scatter_(1, order, sorted_remove)
     sub.masked_fill_(remove, -math.inf)
     if isinstance(idx, torch.Tensor):
         x[idx] = sub
@@ -437,6 +452,13 @@ def _min_p(x: torch.Tensor, min_ps: list[float]) -> None:
     sub.masked_fill_(sub < threshold, -math.inf)
     if isinstance(idx, torch.Tensor):
         x[idx] = sub
+
+
+def _fallback_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Deterministic tokens for rows with nothing left to sample: the argmax of the processed
+    logits (before temperature and truncation) with NaN counted as -inf. A row with no usable
+    value at all gets token 0: argmax of an all -inf row is its first index. Always in range."""
+    return logits.masked_fill(logits.isnan(), -math.inf).argmax(dim=-1)
 
 
 # ---- small tensor helpers ----
