@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,9 @@ from quire.core.outputs import EngineCoreOutput, StepStats
 from quire.core.request import EngineCoreRequest
 from quire.frontend import protocol
 from quire.frontend.async_client import EngineDeadError, InProcessEngineClient, RequestStream
+from quire.frontend.process_client import ProcessEngineClient
 from quire.sampling import CompletionOutput, RequestOutput
+from quire.tokenizer import Tokenizer
 
 
 def _args(model: Path) -> EngineArgs:
@@ -146,3 +151,61 @@ def test_protocol_round_trip() -> None:
     got = batch.outputs[0]
     assert (got.request_id, got.index, got.new_token_ids, got.finish_reason) == ("r1", 1, [5], "length")
     assert got.new_logprobs[0].top_token_ids == [5, 6] and got.num_cached_tokens == 16
+
+
+def test_process_client_send_never_blocks_without_engine(tiny_llama_dir: Path) -> None:
+    # A PUSH socket with no connected peer blocks a plain send forever: that froze the event loop
+    # (and so SIGTERM) when an abort or the Shutdown message went to an engine that had just died.
+    client = ProcessEngineClient(
+        _args(tiny_llama_dir), str(tiny_llama_dir), Tokenizer.from_dir(tiny_llama_dir)
+    )
+    client._bind()  # sockets and directory, but no engine process connected
+    socket_dir = client.socket_dir
+    assert socket_dir is not None and Path(socket_dir).is_dir()
+    sender = threading.Thread(
+        target=lambda: [client._send(m) for m in (protocol.AbortRequests(["r"]), protocol.Shutdown())],
+        daemon=True,
+    )
+    sender.start()
+    sender.join(5)
+    assert not sender.is_alive(), "a send to a missing engine blocked"
+    asyncio.run(client.shutdown())
+    assert not Path(socket_dir).exists()
+
+
+def test_process_client_restarts_after_engine_kill(tiny_llama_dir: Path) -> None:
+    async def run() -> None:
+        client = ProcessEngineClient(
+            _args(tiny_llama_dir), str(tiny_llama_dir), Tokenizer.from_dir(tiny_llama_dir)
+        )
+        deaths: list[str] = []
+        client.add_death_listener(deaths.append)
+        await client.start()
+        try:
+            first_dir, first_pid = client.socket_dir, client.pid
+            assert first_dir is not None and first_pid is not None
+            params = SamplingParams(max_tokens=200, ignore_eos=True)
+            generator = client.generate({"prompt_token_ids": [5, 6, 7]}, params)
+            await anext(generator)
+            os.kill(first_pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exited"):
+                async for _ in generator:
+                    pass
+            assert len(deaths) == 1 and "exited" in deaths[0]
+            assert not client.is_ready and client.num_unfinished_seqs == 0
+            assert client.last_stats is not None and client.last_stats.num_running == 0
+            with pytest.raises(EngineDeadError):
+                await anext(client.generate("x", params))
+
+            await client.restart()
+            assert client.is_ready and client.pid != first_pid and client.socket_dir != first_dir
+            assert not Path(first_dir).exists()
+            result = await _collect(client, {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))
+            assert len(result.outputs[0].token_ids) == 4
+            assert len(deaths) == 1  # a restart is not a death
+        finally:
+            await client.shutdown()
+        assert deaths == deaths[:1] and client.socket_dir is not None
+        assert not Path(client.socket_dir).exists()
+
+    asyncio.run(run())

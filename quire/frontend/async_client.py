@@ -36,6 +36,7 @@ from quire.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 StatsListener = Callable[[StepStats], None]
+DeathListener = Callable[[str], None]  # called with the reason when the engine dies unexpectedly
 
 
 class EngineDeadError(RuntimeError):
@@ -126,6 +127,7 @@ class EngineClient(abc.ABC):
         self._dead: str | None = None
         self._ready = False
         self._stats_listeners: list[StatsListener] = []
+        self._death_listeners: list[DeathListener] = []
         self._ids = itertools.count()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -138,6 +140,11 @@ class EngineClient(abc.ABC):
     async def shutdown(self) -> None:
         """Stop the engine core; running requests end with ``EngineDeadError``."""
 
+    async def restart(self) -> None:
+        """Replace a dead engine core with a fresh one (the tokenizer stays); raises
+        ``EngineDeadError`` if it cannot. Clients that cannot restart say so."""
+        raise EngineDeadError(f"{type(self).__name__} cannot restart its engine")
+
     @property
     def is_ready(self) -> bool:
         return self._ready and self._dead is None
@@ -148,6 +155,11 @@ class EngineClient(abc.ABC):
 
     def add_stats_listener(self, listener: StatsListener) -> None:
         self._stats_listeners.append(listener)
+
+    def add_death_listener(self, listener: DeathListener) -> None:
+        """``listener(reason)`` runs in the event loop when the engine dies unexpectedly (not on
+        ``shutdown``), after every running request has been failed."""
+        self._death_listeners.append(listener)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -163,7 +175,9 @@ class EngineClient(abc.ABC):
         self.input_processor = InputProcessor(
             tokenizer, info.vocab_size, info.max_model_len, info.kv_capacity_tokens
         )
+        # Fresh processors: after a restart, nothing of the dead engine's requests remains.
         self.output_processor = OutputProcessor(tokenizer)
+        self._dead = None
         self._ready = True
 
     # -- requests -------------------------------------------------------------------------------
@@ -194,7 +208,15 @@ class EngineClient(abc.ABC):
         stream = RequestStream(request.request_id, params.n)
         self._streams[request.request_id] = stream
         self._num_seqs += params.n
-        self._send(protocol.AddRequest(request))
+        try:
+            self._send(protocol.AddRequest(request))
+        except BaseException:
+            # Nothing reached the engine (e.g. a value the wire format cannot encode): undo the
+            # admission, or the seats stay counted forever and every later request gets a 503.
+            del self._streams[request.request_id]
+            self._num_seqs -= params.n
+            self.output_processor.abort(request.request_id)
+            raise
         return stream
 
     async def generate(
@@ -259,9 +281,12 @@ class EngineClient(abc.ABC):
                     del streams[result.request_id]
                     self._num_seqs -= stream.num_seqs
         if batch.stats is not None:
-            self.last_stats = batch.stats
-            for listener in self._stats_listeners:
-                listener(batch.stats)
+            self._publish_stats(batch.stats)
+
+    def _publish_stats(self, stats: StepStats) -> None:
+        self.last_stats = stats
+        for listener in self._stats_listeners:
+            listener(stats)
 
     def _mark_dead(self, reason: str, expected: bool = False) -> None:
         if self._dead is not None:
@@ -273,6 +298,23 @@ class EngineClient(abc.ABC):
             stream.fail(error)
         self._streams.clear()
         self._num_seqs = 0
+        if not expected:
+            # Nothing runs and no KV is held any more: say so to the metrics (gauges to zero; the
+            # next engine's cumulative counters then start from zero, as after a counter reset).
+            idle = StepStats(
+                num_running=0,
+                num_waiting=0,
+                kv_cache_usage=0.0,
+                num_scheduled_tokens=0,
+                num_prompt_tokens=0,
+                num_generation_tokens=0,
+                num_preemptions=0,
+                prefix_cache_queries=0,
+                prefix_cache_hits=0,
+            )
+            self._publish_stats(idle)
+            for listener in self._death_listeners:
+                listener(reason)
 
 
 class InProcessEngineClient(EngineClient):

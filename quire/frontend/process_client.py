@@ -4,7 +4,12 @@ The API process binds two IPC sockets in a private temporary directory, starts
 ``python -m quire.frontend.core_process`` and waits for ``Ready``. A reader task then folds each
 step's ``OutputBatch`` into the request streams. If the engine process dies, the reader notices
 within a second (the process's exit code, or its ``EngineFailed`` message), every running request
-ends with ``EngineDeadError``, and the server reports 503.
+ends with ``EngineDeadError``, and death listeners are told (the server's supervisor then calls
+``restart()``: a fresh process with fresh sockets in a fresh directory; the tokenizer stays).
+
+No send ever blocks: the input socket has no high-water mark, so a send can only fail to queue
+when no engine is connected -- a dead engine, whose state died with it -- and then it is dropped
+rather than blocking the event loop (a blocking send to a dead engine used to hang SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import NoReturn
 
 import msgspec
 import zmq
@@ -57,6 +63,7 @@ class ProcessEngineClient(EngineClient):
         self._decoder = protocol.output_decoder()
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False  # shutdown() was called: no restart after that
 
     def _bind(self) -> tuple[str, str]:
         """Bind both sockets in a private directory; sockets are made inside the event loop."""
@@ -67,7 +74,8 @@ class ProcessEngineClient(EngineClient):
         self._output = self._actx.socket(zmq.PULL)
         for sock in (self._input, self._output):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
+            # No high-water mark: a send never waits for the engine to catch up; see _send.
+            sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
         input_addr, output_addr = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
         self._input.bind(input_addr)
@@ -79,12 +87,31 @@ class ProcessEngineClient(EngineClient):
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def socket_dir(self) -> str | None:
+        """The current IPC socket directory (a new one per engine process)."""
+        return self._dir
+
+    @property
     def is_ready(self) -> bool:
-        if self._proc is not None and self._proc.poll() is not None and self._dead is None:
+        if self._proc is not None and self._proc.poll() is not None and self._dead is None and self._ready:
             self._mark_dead(f"the engine core process exited with code {self._proc.returncode}")
         return super().is_ready
 
     async def start(self) -> None:
+        await self._launch()
+
+    async def restart(self) -> None:
+        """Replace the dead engine process: stop its reader, reap it, drop its sockets and
+        directory, then start a fresh one and wait for ``Ready``. Requests that were running have
+        already failed; the tokenizer stays. Raises ``EngineDeadError`` if the new one fails to load."""
+        if self._closed:
+            raise EngineDeadError("the engine was shut down")
+        if self._dead is None:
+            self._mark_dead("restart requested", expected=True)
+        await self._release()
+        await self._launch()
+
+    async def _launch(self) -> None:
         input_addr, output_addr = self._bind()
         command = [
             sys.executable,
@@ -117,11 +144,15 @@ class ProcessEngineClient(EngineClient):
                 if isinstance(message, protocol.Ready):
                     return message.info
                 if isinstance(message, protocol.EngineFailed):
-                    self._mark_dead(f"the engine failed to start: {message.message}")
-                    raise EngineDeadError(self._dead)
+                    self._fail_start(f"the engine failed to start: {message.message}")
             elif proc.poll() is not None:
-                self._mark_dead(f"the engine core process exited with code {proc.returncode} while loading")
-                raise EngineDeadError(self._dead)
+                self._fail_start(f"the engine core process exited with code {proc.returncode} while loading")
+
+    def _fail_start(self, reason: str) -> NoReturn:
+        # During a restart the client is already dead (no second round of listeners); the
+        # supervisor sees this exception and decides whether to try again.
+        self._mark_dead(reason)
+        raise EngineDeadError(reason)
 
     async def _read_outputs(self) -> None:
         proc, sock, decode = self._proc, self._output, self._decoder.decode
@@ -145,34 +176,69 @@ class ProcessEngineClient(EngineClient):
             self._mark_dead(f"output processing failed: {type(exc).__name__}: {exc}")
 
     def _send(self, message: protocol.EngineInput) -> None:
-        assert self._input is not None
-        self._input.send(self._encoder.encode(message), copy=False)
+        self._try_send(message)
+
+    def _try_send(self, message: protocol.EngineInput) -> bool:
+        """Queue ``message`` for the engine without ever blocking; False if it was dropped.
+
+        With no high-water mark the only reason a PUSH cannot queue is that no engine is
+        connected: it died (the reader notices within a second and fails its requests), and the
+        message is about state that died with it. A blocking send would wait forever instead."""
+        sock = self._input
+        if sock is None or sock.closed:
+            return False
+        try:
+            sock.send(self._encoder.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            logger.debug("no engine connected; dropped a %s message", type(message).__name__)
+            return False
+        return True
 
     async def shutdown(self) -> None:
+        """Stop the engine (politely if it runs, else by signal), always within a bounded time,
+        and remove the socket directory. Safe at any point: loading, running, dead, restarting."""
+        self._closed = True
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            if self._ready:
-                self._send(protocol.Shutdown())
-            else:
-                proc.terminate()  # still loading: it reads no messages yet
+            # A loading engine reads no messages yet, and a dead connection takes none.
+            if not (self._ready and self._dead is None and self._try_send(protocol.Shutdown())):
+                proc.terminate()
             try:
                 await asyncio.to_thread(proc.wait, SHUTDOWN_WAIT_S)
             except subprocess.TimeoutExpired:
                 logger.warning("engine core did not exit in %.0f s; killing it", SHUTDOWN_WAIT_S)
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
         self._mark_dead("the engine was shut down", expected=True)
-        if self._reader is not None:
-            self._reader.cancel()
+        await self._release()
+
+    async def _release(self) -> None:
+        """Stop the reader, kill and reap the engine process if it still runs, close the sockets
+        and delete their directory. Bounded in time; idempotent."""
+        self._ready = False
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await reader
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            try:
+                await asyncio.to_thread(proc.wait, SHUTDOWN_WAIT_S)
+            except subprocess.TimeoutExpired:  # stuck in the kernel; nothing more we can do
+                logger.error("engine core process %d survived SIGKILL for %.0f s", proc.pid, SHUTDOWN_WAIT_S)
+        self._close_sockets()
+        self.remove_socket_dir()
+
+    def _close_sockets(self) -> None:
+        # LINGER is 0 on both sockets, so closing drops unsent messages and term() cannot wait.
         for sock in (self._input, self._output):
             if sock is not None:
-                sock.close()
+                sock.close(linger=0)
         for ctx in (self._ctx, self._actx):
             if ctx is not None:
                 ctx.term()
-        self.remove_socket_dir()
+        self._input = self._output = None
+        self._ctx = self._actx = None
 
     def remove_socket_dir(self) -> None:
         """Delete the IPC socket directory (idempotent; also safe after a failed shutdown)."""

@@ -18,7 +18,7 @@ from quire.server.request_log import REQUEST_ID_HEADER, RequestLogRecord, resolv
 from quire.server.state import RETRY_AFTER_S, RequestContext, ServerState
 
 # Always answered, even while draining, and never logged per request (probes hit them constantly).
-UNTRACKED_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+UNTRACKED_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics", "/version", "/ping"})
 # Bearer auth applies to these and to everything under /v1/.
 AUTH_PATHS = frozenset({"/tokenize", "/detokenize"})
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
@@ -68,7 +68,11 @@ class EdgeMiddleware:
                     send_with_id, APIError.overloaded(state.unavailable_reason() or "", RETRY_AFTER_S)
                 )
                 return
-            body_receive = await self._read_body(scope, receive, headers)
+            try:
+                body_receive = await self._read_body(scope, receive, headers)
+            except TimeoutError:  # a stalled upload, or one cut short by a drain: answer and close
+                await _send_error(send_with_id, _body_timeout_error(state))
+                return
             if body_receive is None:
                 limit = state.settings.max_body_bytes
                 error = APIError.payload_too_large(
@@ -94,17 +98,20 @@ class EdgeMiddleware:
             return receive
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # disconnected while sending the body
-                return _replay(message, receive)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        # Raises TimeoutError: a client that never finishes its body must not hold a connection
+        # (and an in-flight slot that delays the drain) forever.
+        async with self.state.reading_body():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # disconnected while sending the body
+                    return _replay(message, receive)
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
         return _replay({"type": "http.request", "body": b"".join(chunks), "more_body": False}, receive)
 
     def _log(self, ctx: RequestContext, status: int, started: float) -> None:
@@ -124,6 +131,16 @@ class EdgeMiddleware:
             **timings,
         )
         self.state.request_logger.log(record, prompt=ctx.prompt_text, completion=ctx.completion_text)
+
+
+def _body_timeout_error(state: ServerState) -> APIError:
+    if state.draining:
+        error = APIError.overloaded(state.unavailable_reason() or "", RETRY_AFTER_S)
+    else:
+        seconds = state.settings.body_timeout
+        error = APIError(408, f"The request body did not arrive within {seconds:g} s.", code="timeout")
+    error.headers["Connection"] = "close"  # uvicorn closes the connection after this response
+    return error
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:

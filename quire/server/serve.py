@@ -3,7 +3,11 @@
 Shutdown on SIGTERM or Ctrl-C: the port stays open but every new request gets 503, requests in
 flight run to completion for up to ``--shutdown-timeout`` seconds, then uvicorn stops (cancelling
 what is left, which aborts it in the engine), the engine process is told to exit, and the process
-exits 0. A second signal stops at once.
+exits 0. A second signal stops at once. Nothing on this path waits on a client or on a dead
+engine: headers and bodies have their own timeouts, and sends to the engine never block.
+
+The engine process is supervised (``quire.server.supervisor``): it is restarted when it dies, and
+the server exits 1 once ``--max-engine-restarts`` is spent, or if the engine never loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from quire.config import EngineArgs
 from quire.frontend.core_builder import resolve_model_path
 from quire.frontend.process_client import ProcessEngineClient
 from quire.server.app import build_app
+from quire.server.http_protocol import header_timeout_protocol
+from quire.server.openai.serving import ServerShutdown
 from quire.server.settings import ServerSettings
 from quire.server.state import ServerState
 from quire.tokenizer import Tokenizer
@@ -30,6 +36,8 @@ logger = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "quire-demo"
 # After the drain, connections still open get this long before uvicorn cancels their tasks.
 FINAL_GRACE_S = 1.0
+# After the drain timeout: at most this long for requests failed with a shutdown error to send it.
+FAIL_FLUSH_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -68,6 +76,7 @@ class DrainingServer(uvicorn.Server):
 
     def _start_drain(self) -> None:
         if self._drain is None:
+            self.state.start_drain()
             self._drain = asyncio.ensure_future(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
@@ -83,10 +92,16 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         if state.in_flight > 0:
             logger.warning("shutdown timeout reached; aborting %d requests still running", state.in_flight)
+            # Each gets a 503 error (a last SSE event and [DONE] for streams) rather than a cut
+            # body; waiting for them to finish lets those bytes out before connections close.
+            state.fail_in_flight(ServerShutdown())
+            flushed = time.monotonic() + FAIL_FLUSH_S
+            while state.in_flight > 0 and time.monotonic() < flushed:
+                await asyncio.sleep(0.02)
         self.should_exit = True
 
     def fail(self, message: str) -> None:
-        """The engine could not start: exit non-zero."""
+        """The engine could not start, or died once too often: exit non-zero."""
         print(f"error: {message}", file=sys.stderr, flush=True)
         self.exit_code = 1
         self.should_exit = True
@@ -108,7 +123,7 @@ def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING"
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=header_timeout_protocol(settings.header_timeout),
         log_config=None,  # keep the CLI's logging setup
         log_level=log_level.lower(),
         access_log=False,  # the request log line replaces it

@@ -14,6 +14,8 @@ class ServerSettings:
     empty means one name derived from the model path. ``max_waiting``: how many sequences may be
     queued beyond the ``max_num_seqs`` the engine runs at once before new requests get 503.
     ``request_timeout`` / ``shutdown_timeout`` are seconds; a request timeout of None never expires.
+    ``trust_request_chat_template``: render Jinja chat templates that requests send (Jinja is a
+    program: off, such requests get 400; the model's own templates are always allowed).
     """
 
     host: str = "127.0.0.1"
@@ -25,9 +27,20 @@ class ServerSettings:
     tokens_per_minute: float | None = None
     max_waiting: int = 256
     max_body_bytes: int = 4 << 20
+    # Text prompts, in UTF-8 bytes, checked before tokenizing (which costs ~2 s per MB on CPU).
+    max_prompt_bytes: int = 2 << 20
     request_timeout: float | None = 600.0
     shutdown_timeout: float = 30.0
     log_prompts: bool = False
+    trust_request_chat_template: bool = False
+    # Slow clients: a request's headers must arrive within header_timeout seconds of the
+    # connection (or of the previous response), its body within body_timeout of the headers.
+    header_timeout: float = 30.0
+    body_timeout: float = 30.0
+    # Engine supervision: a dead engine process is restarted at most max_engine_restarts times
+    # within engine_restart_window seconds; one more death and the server exits non-zero.
+    max_engine_restarts: int = 3
+    engine_restart_window: float = 600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -36,6 +49,8 @@ class ServerSettings:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes must be at least 1, got {self.max_prompt_bytes}")
         if self.request_timeout is not None and not (
             self.request_timeout > 0 and math.isfinite(self.request_timeout)
         ):
@@ -44,6 +59,17 @@ class ServerSettings:
             )
         if not (self.shutdown_timeout >= 0 and math.isfinite(self.shutdown_timeout)):
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        for name, value in (
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
+            ("engine_restart_window", self.engine_restart_window),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if self.max_engine_restarts < 0:
+            raise ValueError(
+                f"max_engine_restarts must be >= 0 (0: exit when the engine dies), got {self.max_engine_restarts}"
+            )
         for name in self.served_model_names:
             if not name or len(name) > 256:
                 raise ValueError(f"served model names must be 1-256 characters, got {name!r}")

@@ -6,10 +6,12 @@ can live in one process (tests).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 
@@ -20,9 +22,16 @@ from quire.server.metrics import RequestTimings, ServerMetrics
 from quire.server.ratelimit import RateLimiter, RateLimits
 from quire.server.request_log import RequestLogger
 from quire.server.settings import ServerSettings
+from quire.server.supervisor import EngineSupervisor, RestartBudget
 
 # How long clients are told to wait on a 503 (loading, draining, queue full).
 RETRY_AFTER_S = 1.0
+
+
+class Failable(Protocol):
+    """What ``fail_in_flight`` needs of a running request (``serving.Generation``)."""
+
+    def fail(self, error: BaseException) -> None: ...
 
 
 @dataclass
@@ -76,10 +85,21 @@ class ServerState:
         self.request_logger = RequestLogger(log_prompts=settings.log_prompts)
         self.created = int(time.time())
         self.draining = False
+        self._body_reads: set[asyncio.Timeout] = set()  # see reading_body()
         self.in_flight = 0  # HTTP requests being served (health and metrics excluded)
+        # Every running Generation (added by serving.submit, removed when it closes), so that a
+        # shutdown can end each with an error its client sees instead of a cut connection.
+        self.live_generations: set[Failable] = set()
         self.load_error: str | None = None
         self.on_ready: list[Callable[[], None]] = []
         self.on_fatal: list[Callable[[str], None]] = []
+        self.supervisor = EngineSupervisor(
+            client,
+            RestartBudget(settings.max_engine_restarts, settings.engine_restart_window),
+            on_fatal=self._fatal,
+            on_restart=self.metrics.inc_engine_restarts,
+            stopping=lambda: self.draining,
+        )
 
     async def start_engine(self) -> None:
         """Load the engine in the background: /health says 503 until this finishes."""
@@ -87,16 +107,51 @@ class ServerState:
             await self.client.start()
         except Exception as exc:  # the client has logged why; the server decides what to do
             self.load_error = str(exc)
-            for callback in self.on_fatal:
-                callback(self.load_error)
+            self._fatal(self.load_error)
             return
         self.client.add_stats_listener(self.metrics.observe_step)
+        self.supervisor.watch()
         for callback in self.on_ready:
             callback()
 
+    @contextlib.asynccontextmanager
+    async def reading_body(self) -> AsyncIterator[None]:
+        """Bound a request-body read by ``--body-timeout`` (raises ``TimeoutError``); a drain
+        ends every such read at once, since no work has started for those requests yet."""
+        async with asyncio.timeout(self.settings.body_timeout) as timeout:
+            self._body_reads.add(timeout)
+            try:
+                yield
+            finally:
+                self._body_reads.discard(timeout)
+
+    def start_drain(self) -> None:
+        """Refuse new requests from now on, and stop waiting for bodies still being sent."""
+        self.draining = True
+        if self._body_reads:
+            now = asyncio.get_running_loop().time()
+            for timeout in self._body_reads:
+                timeout.reschedule(now)
+
+    async def stop_engine(self) -> None:
+        """Stop supervising (cancelling a restart under way), then shut the engine down."""
+        await self.supervisor.stop()
+        await self.client.shutdown()
+
+    def _fatal(self, message: str) -> None:
+        for callback in self.on_fatal:
+            callback(message)
+
     @property
     def healthy(self) -> bool:
+        """Ready for requests (``/health``, ``/health/ready``): engine up, not draining."""
         return self.client.is_ready and not self.draining
+
+    @property
+    def alive(self) -> bool:
+        """The process can still serve, now or after a restart (``/health/live``): false only once
+        the engine is gone for good and the server is about to exit."""
+        return self.load_error is None and self.supervisor.fatal_error is None
 
     def unavailable_reason(self) -> str | None:
         """Why requests cannot be served right now, or None."""
@@ -104,6 +159,10 @@ class ServerState:
             return "The server is shutting down and accepts no new requests."
         if self.load_error is not None:
             return f"The engine is not running: {self.load_error}"
+        if self.supervisor.fatal_error is not None:
+            return f"The engine is not running: {self.supervisor.fatal_error}"
+        if self.supervisor.restarting:
+            return "The engine is restarting after a failure; retry shortly."
         if self.client.dead_reason is not None or (self.client.info is not None and not self.client.is_ready):
             return f"The engine is not running: {self.client.dead_reason or 'it exited'}"
         if not self.client.is_ready:
@@ -116,6 +175,14 @@ class ServerState:
         if reason is not None:
             raise APIError.overloaded(reason, retry_after_s=RETRY_AFTER_S)
         return self.client
+
+    def fail_in_flight(self, error: BaseException) -> int:
+        """End every running request with ``error`` (each answers its client with it); returns
+        how many there were."""
+        live = list(self.live_generations)
+        for generation in live:
+            generation.fail(error)
+        return len(live)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
