@@ -126,7 +126,7 @@ def test_disconnects_free_kv_blocks(server: ServerProcess) -> None:
     assert seen == [3] * 10
     assert all(r["done"] and r["usage"]["completion_tokens"] == 24 for r in finished)
     after = _wait_for_idle_pool(server)
-    assert _delta(after, before, "quire:request_success_total{finished_reason=abort}") == 10
+    assert _delta(after, before, "quire:request_aborted_total") == 10
     assert _delta(after, before, "quire:request_success_total{finished_reason=length}") == 6
     # Aborted at once: far fewer tokens generated than the 10 x 400 the leavers asked for.
     assert _delta(after, before, "quire:generation_tokens_total") < 6 * 24 + 10 * 100

@@ -24,8 +24,9 @@ from quire.server.errors import APIError, openai_error
 from quire.server.middleware import EdgeMiddleware
 from quire.server.openai import chat, completions
 from quire.server.openai.protocol import DetokenizeRequest, TokenizeRequest
-from quire.server.openai.serving import ClientDisconnected, engine_dead_error
+from quire.server.openai.serving import ClientDisconnected, engine_dead_error, tokenize_text
 from quire.server.openai.streaming import CLIENT_CLOSED_STATUS
+from quire.server.openapi import install_openapi
 from quire.server.state import ServerState, context, server_state
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,13 @@ def build_app(state: ServerState) -> FastAPI:
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            await state.client.shutdown()
+            await state.stop_engine()
 
     app = FastAPI(title="quire", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.quire = state
     app.add_middleware(EdgeMiddleware, state=state)
     _install_error_handlers(app)
+    install_openapi(app)
     app.include_router(completions.router)
     app.include_router(chat.router)
     _add_info_routes(app)
@@ -105,11 +107,13 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "The request body is invalid.", None
-    first = errors[0]
+    # A failed check on a well-typed value (say, a lone surrogate in a string) says more than the
+    # type mismatches a union reports for its other alternatives.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('msg', '')}", None
     fields = [_field_name(error.get("loc", ())) for error in errors]
-    field = fields[0]
+    field = _field_name(first.get("loc", ()))
     reason = first.get("msg", "invalid value")
     if not field:
         return f"The request body must be a JSON object with the request's fields: {reason}", None
@@ -140,10 +144,21 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "function
 
 
 def _add_info_routes(app: FastAPI) -> None:
+    # /health is vLLM's readiness probe (200 only when requests can be served); /health/ready is
+    # the same under its Kubernetes name. /health/live stays 200 while the engine loads, restarts
+    # or drains: the process is fine, restarting it would only lose work.
     @app.get("/health")
+    @app.get("/health/ready")
     async def health(request: Request) -> Response:
         state = server_state(request)
         if state.healthy:
+            return Response(status_code=200)
+        return json_response(openai_error(503, state.unavailable_reason() or "unavailable"), 503)
+
+    @app.get("/health/live")
+    async def live(request: Request) -> Response:
+        state = server_state(request)
+        if state.alive:
             return Response(status_code=200)
         return json_response(openai_error(503, state.unavailable_reason() or "unavailable"), 503)
 
@@ -168,6 +183,8 @@ def _add_info_routes(app: FastAPI) -> None:
                 "owned_by": "quire",
                 "root": state.model_path,
                 "max_model_len": info.max_model_len if info is not None else None,
+                # Lets `quire bench serve` draw token-id prompts inside the vocabulary.
+                "vocab_size": info.vocab_size if info is not None else None,
             }
             for name in state.model_names
         ]
@@ -185,9 +202,14 @@ def _add_tokenizer_routes(app: FastAPI) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise APIError.invalid_request("send exactly one of 'prompt' or 'messages'")
         if body.messages is not None:
-            _, tokens = chat.render_chat_prompt(tokenizer, body.messages, body.add_generation_prompt)
+            _, tokens = await chat.render_chat_prompt(
+                tokenizer,
+                body.messages,
+                body.add_generation_prompt,
+                max_prompt_bytes=state.settings.max_prompt_bytes,
+            )
         else:
-            tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+            tokens = await tokenize_text(state, body.prompt or "", body.add_special_tokens)
         context(request).prompt_tokens = len(tokens)
         return json_response(
             {"count": len(tokens), "max_model_len": client.info.max_model_len, "tokens": tokens}

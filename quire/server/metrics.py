@@ -12,6 +12,9 @@ Feeding it:
   and the new total is counted as the delta, as Prometheus treats counter resets).
 * ``observe_request_finished(finish_reason, metrics, num_generation_tokens)`` once per request
   with its ``RequestMetrics`` timestamps: queue, prefill, TTFT, decode and end-to-end latency.
+  ``stop``/``length`` count in ``quire:request_success_total``, ``abort`` in
+  ``quire:request_aborted_total``, ``error`` in ``quire:request_error_total`` (as vLLM, whose
+  success counter never counts failures).
 * Inter-token latency, either way but not both for one request:
   - streaming routes call ``observe_token_gap(seconds, count)`` per delivered chunk and pass
     ``record_itl=False`` when the request finishes; this records the real gaps;
@@ -56,6 +59,8 @@ TOKEN_COUNT_BUCKETS: tuple[float, ...] = tuple(
 )  # 1 .. 500k tokens
 
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
+# As vLLM: only these finish a request successfully; aborts and errors have counters of their own.
+SUCCESS_REASONS: tuple[str, ...] = ("stop", "length")
 REJECT_REASONS: tuple[str, ...] = ("backpressure", "too_long", "invalid", "unauthorized", "not_found")
 
 _LABEL_VALUE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -144,14 +149,26 @@ class ServerMetrics:
             "quire:num_preemptions", "Requests preempted to free KV cache."
         ).labels(m)
         self._request_success = counter(
-            "quire:request_success", "Finished requests by finish reason.", ("finished_reason",)
+            "quire:request_success",
+            "Requests that finished normally, by finish reason (stop or length).",
+            ("finished_reason",),
         )
+        self.requests_aborted = counter(
+            "quire:request_aborted",
+            "Requests ended before finishing: client gone, timeout or shutdown.",
+        ).labels(m)
+        self.requests_failed = counter(
+            "quire:request_error", "Requests that failed in the engine or the server after admission."
+        ).labels(m)
         self.requests_rate_limited = counter(
             "quire:requests_rate_limited", "Requests refused by the per-tenant rate limiter (429)."
         ).labels(m)
         self._requests_rejected = counter(
             "quire:requests_rejected", "Requests refused before reaching the engine, by reason.", ("reason",)
         )
+        self.engine_restarts = counter(
+            "quire:engine_restarts", "Engine-core processes started to replace one that died."
+        ).labels(m)
         self.time_to_first_token = histogram(
             "quire:time_to_first_token_seconds", "Arrival to first generated token.", LATENCY_BUCKETS
         ).labels(m)
@@ -176,7 +193,7 @@ class ServerMetrics:
         self.request_prompt_tokens = histogram(
             "quire:request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS
         ).labels(m)
-        for reason in FINISH_REASONS:
+        for reason in SUCCESS_REASONS:
             self._request_success.labels(m, reason)
         for reason in REJECT_REASONS:
             self._requests_rejected.labels(m, reason)
@@ -220,7 +237,12 @@ class ServerMetrics:
         reason = _label("finish_reason", finish_reason)
         if num_generation_tokens < 0:
             raise ValueError(f"num_generation_tokens must be >= 0, got {num_generation_tokens}")
-        self._request_success.labels(self.model_name, reason).inc()
+        if reason == "abort":
+            self.requests_aborted.inc()
+        elif reason == "error":
+            self.requests_failed.inc()
+        else:
+            self._request_success.labels(self.model_name, reason).inc()
         self.request_generation_tokens.observe(num_generation_tokens)
         if num_prompt_tokens is not None:
             self.request_prompt_tokens.observe(num_prompt_tokens)
@@ -246,6 +268,9 @@ class ServerMetrics:
         gap = max(0.0, seconds) / count
         for _ in range(count):
             self.inter_token_latency.observe(gap)
+
+    def inc_engine_restarts(self) -> None:
+        self.engine_restarts.inc()
 
     def inc_rate_limited(self) -> None:
         self.requests_rate_limited.inc()

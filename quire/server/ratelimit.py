@@ -10,7 +10,9 @@ finishes early.
 
 Calling it from the server:
 
-* ``decision.allowed`` -> go ahead.
+* ``decision.allowed`` -> go ahead. The estimate is made before tokenizing (so a limited tenant
+  costs no tokenizing) and corrected with :meth:`RateLimiter.settle` once the prompt's real token
+  count is known; :meth:`RateLimiter.peek` asks without taking anything.
 * denied and ``decision.retryable`` -> 429 with ``Retry-After`` (:meth:`Decision.to_api_error` does it).
 * denied and not retryable: the token estimate is larger than the tenant's token burst, so it can
   never pass however long the client waits. :meth:`Decision.to_api_error` makes that a **400**
@@ -201,6 +203,14 @@ class RateLimiter:
         Allowed: 1 request and ``requested_tokens`` are taken from the tenant's buckets.
         Denied: nothing is taken.
         """
+        return self._decide(tenant, requested_tokens, take=True)
+
+    def peek(self, tenant: str, requested_tokens: int) -> Decision:
+        """What ``check`` would answer now, taking nothing: lets the server refuse a request
+        before costly preparation (rendering, tokenizing) whose result ``check`` then charges."""
+        return self._decide(tenant, requested_tokens, take=False)
+
+    def _decide(self, tenant: str, requested_tokens: int, take: bool) -> Decision:
         if (
             isinstance(requested_tokens, bool)
             or not isinstance(requested_tokens, int)
@@ -213,11 +223,7 @@ class RateLimiter:
         token_capacity = limits.token_capacity
         if token_capacity is not None and requested_tokens > token_capacity:
             return Decision(
-                False,
-                math.inf,
-                f"This request needs up to {requested_tokens} tokens (prompt + max_tokens), more than the "
-                f"{int(token_capacity)}-token burst allowed for tenant '{tenant}'; it can never be admitted. "
-                "Lower max_tokens or shorten the prompt.",
+                False, math.inf, self._too_large_message(tenant, requested_tokens, token_capacity)
             )
         with self._lock:
             now = self._clock()
@@ -234,6 +240,8 @@ class RateLimiter:
             wait, limit = max(waits)
             if wait > 0.0:
                 return Decision(False, wait, self._denial_message(tenant, limits, limit, wait))
+            if not take:
+                return Decision(True)
             if state.requests is not None:
                 state.requests.take(1.0)
             if state.tokens is not None:
@@ -251,6 +259,40 @@ class RateLimiter:
                 return
             state.tokens.refill(self._clock())
             state.tokens.level = min(state.tokens.capacity, state.tokens.level + tokens)
+
+    def settle(self, tenant: str, charged: int, actual: int) -> Decision:
+        """Correct an admitted request's charge from the estimate ``charged`` (made before the
+        prompt was tokenized, so that a limited tenant costs no tokenizing) to ``actual``.
+
+        Less: the difference is refunded. More: it is taken even below zero, since the tenant did
+        send those tokens; the debt delays its next request. Denied, with the ``charged`` tokens
+        given back, only when ``actual`` exceeds the tenant's burst: it can never be admitted.
+        """
+        for name, value in (("charged", charged), ("actual", actual)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} tokens must be a whole number >= 0, got {value!r}")
+        limits = self._limits_for_tenant(tenant)
+        capacity = limits.token_capacity
+        if capacity is not None and actual > capacity:
+            self.refund(tenant, charged)
+            return Decision(False, math.inf, self._too_large_message(tenant, actual, capacity))
+        if actual < charged:
+            self.refund(tenant, charged - actual)
+        elif actual > charged:
+            with self._lock:
+                state = self._tenants.get(tenant)
+                if state is not None and state.tokens is not None:
+                    state.tokens.refill(self._clock())
+                    state.tokens.level -= actual - charged
+        return Decision(True)
+
+    @staticmethod
+    def _too_large_message(tenant: str, requested: int, capacity: float) -> str:
+        return (
+            f"This request needs up to {requested} tokens (prompt + max_tokens), more than the "
+            f"{int(capacity)}-token burst allowed for tenant '{tenant}'; it can never be admitted. "
+            "Lower max_tokens or shorten the prompt."
+        )
 
     def _buckets(self, tenant: str, limits: RateLimits, now: float) -> _TenantBuckets:
         state = self._tenants.get(tenant)

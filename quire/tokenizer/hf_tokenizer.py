@@ -11,6 +11,8 @@ import tokenizers
 
 from quire.tokenizer.chat_template import ChatTemplates
 
+# Texts this long are encoded with the GIL released (same ids; a thread hop is not worth it below).
+_GIL_FREE_ENCODE_CHARS = 16384
 _CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _STANDARD_SPECIAL_TOKENS = frozenset(
@@ -114,7 +116,12 @@ class Tokenizer:
         BOS is prepended when ``add_bos_token`` asks for it and the post-processor did not add one.
         Never yields two BOS: text that already starts with the BOS token (a rendered chat template
         often does) keeps just that one."""
-        ids: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < _GIL_FREE_ENCODE_CHARS:
+            ids: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        else:
+            # encode() holds the GIL throughout; encode_batch() releases it, so a long prompt
+            # tokenized in a worker thread does not stall the server's event loop.
+            ids = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self._bos_id is not None:
             bos = self._bos_id
             if self._add_bos and ids[:1] != [bos]:
@@ -178,6 +185,11 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         """The default chat template's source, or None."""
         return self._chat.get("default")
+
+    @property
+    def chat_template_names(self) -> tuple[str, ...]:
+        """The names of the tokenizer's own chat templates (``chat_template=<name>`` picks one)."""
+        return self._chat.names
 
     def apply_chat_template(
         self,

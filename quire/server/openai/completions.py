@@ -56,12 +56,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if state.settings.log_prompts:
         ctx.prompt_text = body.prompt
     assert ctx.auth is not None
-    gen = submit(state, ctx, ctx.auth, body.prompts(), params, body.priority, body.stream)
+    gen = await submit(state, ctx, ctx.auth, body.prompts(), params, body.priority, body.stream)
     head = {"id": f"cmpl-{ctx.request_id}", "object": "text_completion", "created": int(time.time())}
     head["model"] = state.model_name
     echo = None
     if body.echo:
-        echo = [_prompt_text(state, job.processed) for job in gen.jobs for _ in range(params.n)]
+        try:
+            echo = [_prompt_text(state, job.processed) for job in gen.jobs for _ in range(params.n)]
+        except BaseException:
+            gen.close("error")  # admitted: the engine requests must not outlive this failure
+            raise
     if body.stream:
         formatter = _Formatter(body.logprobs is not None, echo)
         return SSEResponse(

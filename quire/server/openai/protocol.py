@@ -4,6 +4,10 @@ Field names are OpenAI's where OpenAI has the parameter, vLLM's for the extensio
 ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``priority``,
 ...), so clients written for either work unchanged. Unknown fields are ignored, as OpenAI does.
 Range checks live in ``SamplingParams`` (one place, one wording); a bad value becomes a 400.
+Here only what must hold before anything else runs: every integer fits 64 bits (tighter where the
+meaning allows), so no value can pass validation and then fail to serialize for the engine after
+the request was admitted; floats are finite; every string is encodable UTF-8 (JSON's ``\ud800``
+escapes can smuggle in lone surrogates, which the tokenizer and the encoders reject).
 
 Responses are built as plain dicts in ``completions.py`` / ``chat.py`` and encoded with msgspec:
 per-token streaming chunks are too hot a path for pydantic models.
@@ -11,17 +15,56 @@ per-token streaming chunks are too hot a path for pydantic models.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from quire.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Token ids, token counts and top-k: no vocabulary or context comes near 2**31.
+INT32_MAX = 2**31 - 1
+
+
+def _encodable(text: str) -> str:
+    """Reject lone surrogates (``"\\ud800"`` in JSON): not Unicode text, so no encoder takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text contains an unpaired UTF-16 surrogate ({text[exc.start]!r} at position {exc.start}); "
+            "send valid Unicode"
+        ) from None
+    return text
+
+
+def _encodable_json(value: Any) -> Any:
+    """``_encodable`` for every string (keys included) of a free-form JSON value."""
+    if isinstance(value, str):
+        return _encodable(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _encodable_json(key)
+            _encodable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _encodable_json(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+StrictText = Annotated[StrictStr, AfterValidator(_encodable)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_encodable_json)]
+# Validated below 64 bits here; the meaningful range (and its message) is SamplingParams'.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=INT64_MIN, le=INT32_MAX)]
+TokenId = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT32_MAX)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # allow_inf_nan=False: JSON has no inf/NaN, yet 1e999 parses to inf; no parameter means it.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -31,28 +74,28 @@ class StreamOptions(_Body):
 class _SamplingFields(_Body):
     """Parameters shared by completions and chat completions."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = None
+    stop: StrictText | list[StrictText] | None = None
+    seed: Int64 | None = None  # as vLLM: any 64-bit integer
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Text, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions
-    top_k: int | None = None
+    top_k: Count | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: Count = 0
     ignore_eos: bool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: Int64 = 0
 
     @property
     def include_usage(self) -> bool:
@@ -63,11 +106,14 @@ class _SamplingFields(_Body):
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
             try:
-                bias[int(key)] = value
+                token_id = int(key)
             except ValueError:
+                token_id = -1
+            if not 0 <= token_id <= INT32_MAX:
                 raise ValueError(
-                    f"logit_bias keys must be token ids (integers as strings), got {key!r}"
-                ) from None
+                    f"logit_bias keys must be token ids (non-negative integers as strings), got {key[:40]!r}"
+                )
+            bias[token_id] = value
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -90,18 +136,18 @@ class _SamplingFields(_Body):
         )
 
 
-Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+Prompt = StrictText | list[StrictText] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``. ``prompt``: a string, strings, token ids, or lists of token ids."""
 
     prompt: Prompt
-    max_tokens: int | None = 16
+    max_tokens: Count | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: Count | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list[str | dict[str, Any]]:
         """One engine prompt per entry: strings as text, token lists as ``prompt_token_ids``."""
@@ -129,13 +175,13 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: StrictText
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
-    name: str | None = None
+    content: StrictText | list[TextPart] | None = None
+    name: Text | None = None
 
     def template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -153,13 +199,15 @@ class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``; the chat template is applied server-side."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: JsonObject | None = None
+    # vLLM's extension: a template name or source (source needs --trust-request-chat-template).
+    chat_template: Text | None = None
+    tools: list[JsonObject] | None = None
 
     def max_new_tokens(self) -> int | None:
         """``max_completion_tokens`` wins over the deprecated ``max_tokens``; None = rest of the context."""
@@ -178,13 +226,13 @@ class ChatCompletionRequest(_SamplingFields):
 class TokenizeRequest(_Body):
     """``POST /tokenize``: ``prompt`` text, or chat ``messages`` rendered with the template."""
 
-    model: str | None = None
-    prompt: StrictStr | None = None
+    model: Text | None = None
+    prompt: StrictText | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Body):
-    model: str | None = None
-    tokens: list[StrictInt]
+    model: Text | None = None
+    tokens: list[TokenId]

@@ -6,7 +6,8 @@ Completions and chat differ only in how one choice is spelled, so both use these
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,16 +15,23 @@ from starlette.requests import Request
 
 from quire.frontend.async_client import EngineDeadError
 from quire.sampling import CompletionOutput
+from quire.server.errors import APIError
 from quire.server.openai.logprobs import Entry
 from quire.server.openai.serving import (
     ClientDisconnected,
+    EngineRequestError,
     Generation,
     RequestTimeout,
+    ServerShutdown,
     engine_dead_error,
+    engine_request_error,
+    shutdown_error,
     timeout_error,
     until_disconnect,
 )
 from quire.server.sse import DONE, ChunkFramer, sse_event
+
+logger = logging.getLogger(__name__)
 
 # Not an HTTP status a client ever sees: the log's name (nginx's) for "the client went away".
 CLIENT_CLOSED_STATUS = 499
@@ -40,13 +48,41 @@ class ChoiceFormatter(Protocol):
         """The choice object carrying the finish reason."""
 
 
-async def stream_chunks(
+def stream_chunks(
     gen: Generation, framer: ChunkFramer, formatter: ChoiceFormatter, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """SSE bytes for ``gen``: one event per choice delta, the usage event, then ``[DONE]``.
 
-    Errors after the 200 went out (timeout, engine death) arrive as an OpenAI error event, which
-    the official clients raise. Closing the iterator early (client gone) aborts the requests."""
+    Errors after the 200 went out (timeout, engine failure, shutdown) arrive as an OpenAI error
+    event and ``[DONE]``, which the official clients raise. Closing the iterator early (client
+    gone) aborts the requests, even if it was closed before its first chunk."""
+    return _ClosingStream(_chunks(gen, framer, formatter, include_usage), gen)
+
+
+class _ClosingStream:
+    """An async generator that also closes its ``Generation`` when closed before it started
+    (``aclose`` on an unstarted generator skips its ``finally``)."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], gen: Generation) -> None:
+        self._chunks = chunks
+        self._gen = gen
+
+    def __aiter__(self) -> _ClosingStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            self._gen.close("abort")
+
+
+async def _chunks(
+    gen: Generation, framer: ChunkFramer, formatter: ChoiceFormatter, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
     ctx = gen.ctx
     n = gen.params.n
     texts: dict[int, list[str]] | None = {} if gen.state.settings.log_prompts else None
@@ -75,15 +111,11 @@ async def stream_chunks(
         if include_usage:
             yield framer.usage(gen.usage())
         yield DONE
-    except RequestTimeout as exc:
-        ctx.status = 504
-        gen.close("abort")
-        yield sse_event(timeout_error(exc).body())
-        yield DONE
-    except EngineDeadError as exc:
-        ctx.status = 503
-        gen.close("error")
-        yield sse_event(engine_dead_error(exc).body())
+    except Exception as exc:
+        error, reason = stream_error(gen, exc)
+        ctx.status = error.status
+        gen.close(reason)
+        yield sse_event(error.body())
         yield DONE
     finally:
         if ctx.status is None and not all(job.done for job in gen.jobs):
@@ -91,6 +123,24 @@ async def stream_chunks(
         gen.close("abort")
         if texts is not None:
             ctx.completion_text = ["".join(texts.get(i, [])) for i in range(len(gen.jobs) * n)]
+
+
+def stream_error(gen: Generation, exc: Exception) -> tuple[APIError, str]:
+    """The error a failed request answers with, and the finish reason its metrics record."""
+    if isinstance(exc, RequestTimeout):
+        return timeout_error(exc), "abort"
+    if isinstance(exc, ServerShutdown):
+        return shutdown_error(exc), "abort"
+    if isinstance(exc, EngineDeadError):
+        return engine_dead_error(exc), "error"
+    if isinstance(exc, EngineRequestError):
+        return engine_request_error(), "error"
+    if isinstance(exc, APIError):
+        return exc, "error"
+    if isinstance(exc, ValueError):  # the engine refused the request's parameters
+        return APIError.invalid_request(str(exc) or "invalid request"), "error"
+    logger.exception("request %s failed", gen.ctx.request_id)
+    return APIError(500, "The server had an internal error; see its log."), "error"
 
 
 @dataclass
@@ -110,19 +160,17 @@ class Choice:
 
 
 async def collect_choices(request: Request, gen: Generation) -> list[Choice]:
-    """Run ``gen`` to the end; raise the right ``APIError`` on timeout or engine death, and
-    ``ClientDisconnected`` (after aborting) if the client leaves first."""
+    """Run ``gen`` to the end; raise the right ``APIError`` on timeout, engine failure or
+    shutdown, and ``ClientDisconnected`` (after aborting) if the client leaves first."""
     try:
         choices = await until_disconnect(request, _collect(gen))
-    except RequestTimeout as exc:
-        gen.close("abort")
-        raise timeout_error(exc) from None
-    except EngineDeadError as exc:
-        gen.close("error")
-        raise engine_dead_error(exc) from None
     except ClientDisconnected:
         gen.ctx.status = CLIENT_CLOSED_STATUS
         raise
+    except Exception as exc:
+        error, reason = stream_error(gen, exc)
+        gen.close(reason)
+        raise error from None
     finally:
         gen.close("abort")
     if gen.state.settings.log_prompts:
