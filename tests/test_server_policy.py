@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from quire.server.auth import ANONYMOUS_TENANT, KeyFileError, KeyRing, Tenant, load_key_file
+from quire.server.auth import (
+    ANONYMOUS_TENANT,
+    PRIORITY_BOUND,
+    KeyFileError,
+    KeyRing,
+    PriorityGrant,
+    Tenant,
+    load_key_file,
+)
 from quire.server.errors import APIError, ErrorBody, openai_error, retry_after_header
 from quire.server.metrics import ServerMetrics
 from quire.server.ratelimit import Decision, RateLimiter, RateLimits
@@ -97,8 +105,27 @@ def test_key_file_parses_tenants_and_merges_limits(tmp_path: Path) -> None:
                     "sk-other-0123456789ab": {"tenant": "acme", "limits": {"requests_per_minute": 5}},
                 }
             },
-            "keys entry #2 (sk-o…): tenant 'acme' gets limits different from keys entry #1",
+            "keys entry #2 (sk-o…): tenant 'acme' gets limits, priority or cache_group different from keys entry #1",
         ),
+        (
+            {"keys": {SECRET: {"tenant": "acme", "priority": {"min": -5}}, "sk-other-0123456789ab": "acme"}},
+            "keys entry #2 (sk-o…): tenant 'acme' gets limits, priority or cache_group different",
+        ),
+        ({"keys": {SECRET: {"tenant": "acme", "priority": {"min": 1, "max": 5}}}}, "must include 0"),
+        (
+            {"keys": {SECRET: {"tenant": "acme", "priority": {"min": -1.5}}}},
+            "priority: priority min must be an integer",
+        ),
+        (
+            {"keys": {SECRET: {"tenant": "acme", "priority": {"max": 2**40}}}},
+            "priority max must be an integer in",
+        ),
+        ({"keys": {SECRET: {"tenant": "acme", "priority": {"lo": -1}}}}, "priority: unknown field(s) 'lo'"),
+        (
+            {"keys": {SECRET: {"tenant": "acme", "priority": [-1, 1]}}},
+            'priority: must be an object like {"min"',
+        ),
+        ({"keys": {SECRET: {"tenant": "acme", "cache_group": "no spaces"}}}, "cache_group must be 1-64"),
         ('{"keys": {"sk-dup-0123456789abcd": "a", "sk-dup-0123456789abcd": "b"}}', "sk-d… appears twice"),
     ],
 )
@@ -166,6 +193,40 @@ def test_auth_disabled_without_keys() -> None:
         tenant = ring.authenticate(header)
         assert tenant is not None and tenant.name == ANONYMOUS_TENANT
     assert ring.limits_for(ANONYMOUS_TENANT).requests_per_minute == 5
+
+
+def test_priority_grants_and_cache_groups_from_the_key_file(tmp_path: Path) -> None:
+    path = write_json(
+        tmp_path,
+        {
+            "keys": {
+                SECRET: {"tenant": "acme", "priority": {"min": -10, "max": 10}},
+                "sk-bob-0123456789abcd": {"tenant": "bob", "cache_group": "partners"},
+                "sk-carol-0123456789ab": {"tenant": "carol", "cache_group": "partners"},
+                "sk-dave-0123456789abc": "dave",
+            }
+        },
+    )
+    ring = KeyRing.from_sources(["sk-cli-key-0000000000"], path)
+    keys = (SECRET, "sk-bob-0123456789abcd", "sk-carol-0123456789ab", "sk-dave-0123456789abc")
+    acme, bob, carol, dave = (ring.require(f"Bearer {key}") for key in keys)
+    cli = ring.require("Bearer sk-cli-key-0000000000")
+    assert acme.priority == PriorityGrant(-10, 10)
+    acme.priority.check(-5)
+    # Every tenant without a grant of its own: nothing more urgent than the normal level 0.
+    for tenant in (bob, dave, cli, KeyRing().anonymous):
+        assert tenant.priority == PriorityGrant(0, PRIORITY_BOUND)
+        with pytest.raises(APIError, match=r"priority -5 is outside .* \[0, 2147483647\]") as info:
+            tenant.priority.check(-5)
+        assert info.value.status == 400 and info.value.param == "priority"
+        with pytest.raises(APIError, match="priority 118059162071..."):
+            tenant.priority.check(2**70)
+    # One prefix-cache salt per tenant, shared only inside a cache group; all the same length, so
+    # no salted block of one tenant can hash like another's.
+    salts = {t.name: t.cache_salt for t in (acme, bob, carol, dave, cli, KeyRing().anonymous)}
+    assert salts["bob"] == salts["carol"]
+    assert len(set(salts.values())) == 5 and {len(s) for s in salts.values()} == {32}
+    assert Tenant("partners").cache_salt != salts["bob"]  # a group is not the tenant of that name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +427,10 @@ def test_metrics_request_finished_and_rejections() -> None:
     m.inc_rejected("payload_too_large")
     s = samples(m)
     assert s[("quire:request_success_total", (("finished_reason", "stop"),))] == 1
-    assert s[("quire:request_success_total", (("finished_reason", "abort"),))] == 1
+    # Aborts and errors are not successes (as vLLM): each has its own counter.
+    assert ("quire:request_success_total", (("finished_reason", "abort"),)) not in s
+    assert s[("quire:request_aborted_total", ())] == 1
+    assert s[("quire:request_error_total", ())] == 0
     assert s[("quire:request_success_total", (("finished_reason", "length"),))] == 0  # pre-created
     assert s[("quire:requests_rate_limited_total", ())] == 2
     assert s[("quire:requests_rejected_total", (("reason", "backpressure"),))] == 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from quire.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from quire.tokenizer.chat_template import ChatTemplates
+from quire.tokenizer.template_limits import RenderLimits, TemplateLimitError
 
 CORPUS = [
     "the end of the story is near, the end of the road.",
@@ -416,6 +420,123 @@ def test_template_sandbox_and_errors(byte_tok: Tokenizer) -> None:
         byte_tok.apply_chat_template(hi, chat_template="{% set ns = namespace() %}{% set ns._x = 1 %}")
     with pytest.raises(ValueError, match="rejected"):  # immutable: templates cannot edit the caller's data
         byte_tok.apply_chat_template(hi, chat_template="{{ messages.append(1) }}")
+
+
+HI = [{"role": "user", "content": "hi"}]
+# Each would take seconds to hours, or gigabytes, without the render limits; each is refused at once.
+HOSTILE_TEMPLATES = [
+    ("{% for i in range(100000) %}{% endfor %}", "range"),
+    ("{{ 'a' * 10**9 }}", "'\\*' would build"),
+    ("{{ 10 ** 1000000 }}", "integer of about"),
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "'~'",
+    ),
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "'\\+'",
+    ),
+    ("{{ 'a'|center(1000000000) }}", "integer 1000000000"),
+    ("{{ 'a'.ljust(1000000000) }}", "integer 1000000000"),
+    ("{{ '%0999999999d' % 1 }}", "width"),
+    ("{{ '{:0999999999}'.format(1) }}", "width"),
+    ("{{ '{:{}}'.format(1, 999999999) }}", "integer 999999999"),
+    ("{% for i in range(10000) %}{{ 'x' * 5000 }}{% endfor %}", "output limit"),
+    ("{% for i in range(10000) %}{% set s = 'x' * 20000 %}{% endfor %}", "work limit"),
+    # A list holding one long string many times is small in memory; its text is not.
+    ("{% set l = ['x' * 1000000] * 10000 %}{{ l }}", "'{{ }}' would build"),
+    ("{% set l = ['x' * 1000000] * 10000 %}{{ l|tojson }}", "'|tojson' would build"),
+    ("{% set l = ['x' * 1000000] * 10000 %}{{ '' ~ l }}", "'~' would build"),
+    ("{% set l = ['x' * 1000000] * 10000 %}{{ ''.join(l) }}", "'str method' would build"),
+    ("{% set b = 'x' * 1000000 %}{{ range(10000)|join(b) }}", "'|join' would build"),
+    ("{% set b = 'x' * 1000000 %}{{ ('%s' * 1000) % ((b,) * 1000) }}", "'%' would build"),
+    ("{% set b = '\\n' * 1000000 %}{{ b|indent(65536) }}", "'|indent' would build"),
+    ("{% set b = 'x' * 1000000 %}{{ b.replace('x', 'yyyyyyyyyyyy') }}", "'str method' would build"),
+    ("{{ []|slice(1000000) }}", "integer 1000000"),
+    # Python-level work per item, which no deadline check interrupts.
+    ("{{ [0] * 8000000 }}", "sequence of 8000000 items"),
+    ("{{ ('a' * 8000000)|list|sort|length }}", "filter 'list' was given 8000000 items"),
+    ("{{ ([[0] * 1000] * 80)|sum(start=[])|length }}", "'sum' only adds numbers"),
+]
+
+
+@pytest.mark.parametrize(("template", "error"), HOSTILE_TEMPLATES)
+def test_hostile_template_steps_are_bounded(template: str, error: str) -> None:
+    templates = ChatTemplates({}, {}, "test")
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match=error):
+        templates.render(HI, add_generation_prompt=True, tools=None, chat_template=template, extra={})
+    assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # Loops that build nothing: only the deadline can stop them.
+        "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+        "{% for c in 'a' * 8000000 %}{% endfor %}",
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+        # Per-item work inside a filter: checked at each item's filter call.
+        "{{ ([0] * 100000)|map('string')|map('string')|map('string')|list|length }}",
+    ],
+)
+def test_template_render_time_limit(template: str) -> None:
+    templates = ChatTemplates({}, {}, "test", RenderLimits(max_seconds=0.2, max_items=1_000_000))
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="time limit of 0.2 s"):
+        templates.render(HI, add_generation_prompt=True, tools=None, chat_template=template, extra={})
+    assert time.monotonic() - started < 1.0
+    # The same environment renders the next template normally: the budget was the render's own.
+    assert templates.render(HI, add_generation_prompt=True, tools=None, chat_template="ok", extra={}) == "ok"
+
+
+def test_concurrent_renders_have_their_own_budgets() -> None:
+    templates = ChatTemplates(
+        {"default": "{{ messages[0].content }}"}, {}, "test", RenderLimits(max_seconds=0.5)
+    )
+    endless = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(
+            templates.render, HI, add_generation_prompt=True, tools=None, chat_template=endless, extra={}
+        )
+        time.sleep(0.1)
+        # Renders in other threads meanwhile are neither slowed to a halt nor charged the other's time.
+        for _ in range(20):
+            assert (
+                templates.render(HI, add_generation_prompt=True, tools=None, chat_template=None, extra={})
+                == "hi"
+            )
+        with pytest.raises(TemplateLimitError, match="time limit of 0.5 s"):
+            slow.result(timeout=5)
+
+
+def test_template_limits_leave_normal_templates_alone(byte_tok: Tokenizer) -> None:
+    long_chat = [{"role": "user", "content": "word " * 2000}] * 50
+    text = byte_tok.apply_chat_template(long_chat)
+    assert text.count("word") == 100_000
+    assert byte_tok.apply_chat_template(HI, chat_template="{{ range(10000)|length }}") == "10000"
+    deep = "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(5000) }}"
+    with pytest.raises(ValueError, match="recursed too deeply"):
+        byte_tok.apply_chat_template(HI, chat_template=deep)
+    with pytest.raises(TemplateLimitError, match="characters; the limit is"):
+        byte_tok.apply_chat_template(HI, chat_template="x" * (RenderLimits().max_source_chars + 1))
+    with pytest.raises(ValueError, match="max_seconds must be a positive number"):
+        RenderLimits(max_seconds=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["messages", "add_generation_prompt", "tools", "eos_token", "raise_exception"]
+)
+def test_template_arguments_cannot_replace_fixed_variables(name: str) -> None:
+    # Before: special tokens and the template's functions were silently replaced, and in the server
+    # `messages` / `add_generation_prompt` in chat_template_kwargs were a TypeError (a 500).
+    templates = ChatTemplates({"default": "{{ messages | length }}"}, {"eos_token": "</s>"}, "test")
+    with pytest.raises(ValueError, match=f"'{name}' is set by"):
+        templates.render(HI, add_generation_prompt=True, tools=None, chat_template=None, extra={name: []})
+    normal = {"enable_thinking": False, "documents": [{"text": "d"}]}
+    assert (
+        templates.render(HI, add_generation_prompt=True, tools=None, chat_template=None, extra=normal) == "1"
+    )
 
 
 # -- incremental detokenizer --------------------------------------------------------------------

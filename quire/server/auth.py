@@ -3,7 +3,8 @@
 Keys come from repeatable ``--api-key KEY`` flags and/or one ``--api-key-file PATH``. With no keys
 at all, authentication is off and every request is the ``anonymous`` tenant.
 
-Every ``--api-key`` belongs to the tenant ``default``. Several flag keys are almost always one
+Every ``--api-key`` belongs to the tenant ``default``. Both ``anonymous`` and ``default`` have
+the default limits and priority grant and a prefix cache of their own. Several flag keys are almost always one
 client's old and new key during a rotation, so they share one tenant and one rate-limit budget;
 give keys separate tenants with the key file.
 
@@ -13,18 +14,34 @@ Key file format (JSON)::
       "default_limits": {"requests_per_minute": 60, "request_burst": 10,
                          "tokens_per_minute": 100000, "token_burst": 20000},
       "keys": {
-        "sk-acme-1": {"tenant": "acme", "limits": {"requests_per_minute": 600}},
-        "sk-acme-2": {"tenant": "acme", "limits": {"requests_per_minute": 600}},
-        "sk-bob":    {"tenant": "bob"},
+        "sk-acme-1": {"tenant": "acme", "limits": {"requests_per_minute": 600},
+                      "priority": {"min": -10, "max": 10}},
+        "sk-acme-2": {"tenant": "acme", "limits": {"requests_per_minute": 600},
+                      "priority": {"min": -10, "max": 10}},
+        "sk-bob":    {"tenant": "bob", "cache_group": "partners"},
+        "sk-dan":    {"tenant": "dan", "cache_group": "partners"},
         "sk-carol":  "carol"
       }
     }
 
-* ``keys`` (required, non-empty): key -> ``{"tenant": NAME, "limits": {...}}``, or just ``NAME``.
+* ``keys`` (required, non-empty): key -> ``{"tenant": NAME, "limits": {...}, "priority": {...},
+  "cache_group": NAME}`` (all but ``tenant`` optional), or just ``NAME``.
 * ``default_limits`` (optional): limits for every key without its own. A key's ``limits`` override
   the defaults field by field; ``null`` removes a limit. Fields: ``requests_per_minute``,
   ``request_burst``, ``tokens_per_minute``, ``token_burst`` (see ``ratelimit.RateLimits``).
-* Limits belong to the tenant, so all keys of one tenant must end up with the same limits.
+* ``priority`` (optional): the range of the request field ``priority`` the tenant may use,
+  ``{"min": M, "max": N}``. Lower values are more urgent: the scheduler serves them first and
+  preempts less urgent requests for them. The default grant is ``[0, 2**31 - 1]``: nothing more
+  urgent than the normal level 0, which requests without a ``priority`` get, so a grant must
+  include 0. A request outside its tenant's range is refused (400, naming the range), never
+  clamped: a client that asked for urgency should learn it did not get it.
+* ``cache_group`` (optional): prefix-cache sharing. Each tenant's prompts are cached apart from
+  every other tenant's (the cache key is salted per tenant), because a cache hit is visible
+  (``usage.prompt_tokens_details.cached_tokens``, and in latency) and would tell one tenant what
+  another recently sent. Tenants with the same ``cache_group`` deliberately share one cache (and
+  can learn each other's prompts that way); a group name is 1-64 characters like a tenant name.
+* Limits, priority and cache group belong to the tenant, so all keys of one tenant must end up
+  with the same ones.
 * Tenant names: 1-64 characters of ``A-Z a-z 0-9 . _ -``. Keys: 1-256 printable ASCII
   characters, no spaces. A key may appear once (also across the file and ``--api-key``).
 
@@ -54,19 +71,76 @@ _TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,256}")
 _LIMIT_FIELDS = tuple(f.name for f in fields(RateLimits))
 # Field names of the key file, safe to show in errors (anything else may be a key).
-_FILE_FIELDS = frozenset(("keys", "default_limits", "tenant", "limits", *_LIMIT_FIELDS))
+_ENTRY_FIELDS = ("tenant", "limits", "priority", "cache_group")
+_FILE_FIELDS = frozenset(("keys", "default_limits", "min", "max", *_ENTRY_FIELDS, *_LIMIT_FIELDS))
+# Priorities are compared, never counted: any 32-bit range is plenty, and bounding it keeps every
+# admitted value serializable for the engine.
+PRIORITY_BOUND = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class PriorityGrant:
+    """The ``priority`` values a tenant may send: ``min`` (most urgent allowed) to ``max``.
+
+    Lower is more urgent (see ``quire.core.scheduler``). The default allows nothing more urgent
+    than the normal level 0, so only tenants the operator trusts can jump the queue."""
+
+    min: int = 0
+    max: int = PRIORITY_BOUND
+
+    def __post_init__(self) -> None:
+        for name in ("min", "max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or abs(value) > PRIORITY_BOUND:
+                raise ValueError(
+                    f"priority {name} must be an integer in [-{PRIORITY_BOUND}, {PRIORITY_BOUND}], got {value!r}"
+                )
+        if not self.min <= 0 <= self.max:
+            raise ValueError(
+                f"a priority grant must include 0, the level of requests that send no priority; "
+                f"got [{self.min}, {self.max}]"
+            )
+
+    def check(self, priority: int) -> None:
+        """Raise the 400 :class:`APIError` if ``priority`` is outside the grant."""
+        if not self.min <= priority <= self.max:
+            shown = str(priority) if abs(priority) < 10**12 else f"{str(priority)[:12]}..."
+            raise APIError.invalid_request(
+                f"priority {shown} is outside the range this API key may use, [{self.min}, {self.max}] "
+                "(lower is more urgent); the server operator grants ranges per tenant in the key file.",
+                param="priority",
+            )
 
 
 @dataclass(frozen=True)
 class Tenant:
-    """Who a request is billed to, for rate limiting and logs."""
+    """Who a request is billed to, for rate limiting and logs, and what it may do.
+
+    ``priority``: the request priorities it may use. ``cache_group``: tenants of one group share
+    prefix-cache entries; None (the default) keeps the tenant's entries to itself."""
 
     name: str
     limits: RateLimits = field(default_factory=RateLimits)
+    priority: PriorityGrant = field(default_factory=PriorityGrant)
+    cache_group: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TENANT_RE.fullmatch(self.name):
             raise ValueError(f"tenant name must be 1-64 characters of A-Z a-z 0-9 . _ -, got {self.name!r}")
+        if self.cache_group is not None and (
+            not isinstance(self.cache_group, str) or not _TENANT_RE.fullmatch(self.cache_group)
+        ):
+            raise ValueError(
+                f"cache_group must be 1-64 characters of A-Z a-z 0-9 . _ -, got {self.cache_group!r}"
+            )
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What the engine mixes into this tenant's prefix-cache keys: one value per tenant, or per
+        cache group. A digest, so that every salt has the same length and no tenant's salted
+        token block can equal another's."""
+        scope = f"group\0{self.cache_group}" if self.cache_group is not None else f"tenant\0{self.name}"
+        return hashlib.sha256(f"quire prefix cache\0{scope}".encode()).digest()
 
 
 class KeyFileError(ValueError):
@@ -105,8 +179,8 @@ class KeyRing:
             known = self._tenants.setdefault(tenant.name, tenant)
             if known != tenant:
                 raise ValueError(
-                    f"tenant '{tenant.name}' is given different limits by different keys; "
-                    "limits belong to the tenant, make them identical"
+                    f"tenant '{tenant.name}' is given different limits, priority or cache_group by "
+                    "different keys; these belong to the tenant, make them identical"
                 )
             self._entries.append((_digest(key), tenant))
 
@@ -258,8 +332,8 @@ def load_key_file(
         tenant = _parse_entry(entry, base, label)
         if tenant.name in tenants and tenants[tenant.name][0] != tenant:
             raise KeyFileError(
-                f"{label}: tenant '{tenant.name}' gets limits different from {tenants[tenant.name][1]}; "
-                "limits belong to the tenant, so give all its keys the same limits"
+                f"{label}: tenant '{tenant.name}' gets limits, priority or cache_group different from "
+                f"{tenants[tenant.name][1]}; these belong to the tenant, so give all its keys the same ones"
             )
         tenants.setdefault(tenant.name, (tenant, f"keys entry #{index + 1}"))
         result[key] = tenants[tenant.name][0]
@@ -271,14 +345,36 @@ def _parse_entry(entry: Any, base: dict[str, Any], label: str) -> Tenant:
         entry = {"tenant": entry}
     if not isinstance(entry, dict):
         raise KeyFileError(f'{label}: must be a tenant name or an object like {{"tenant": "acme"}}')
-    _reject_unknown(entry, ("tenant", "limits"), label)
+    _reject_unknown(entry, _ENTRY_FIELDS, label)
     name = entry.get("tenant")
     if not isinstance(name, str) or not _TENANT_RE.fullmatch(name):
         raise KeyFileError(f"{label}: tenant must be 1-64 characters of A-Z a-z 0-9 . _ -, got {name!r}")
     limits = base
     if "limits" in entry:
         limits = _merge_limits(base, entry["limits"], f"{label}: limits")
-    return Tenant(name, _build_limits(limits, f"{label}: limits"))
+    group = entry.get("cache_group")
+    if group is not None and (not isinstance(group, str) or not _TENANT_RE.fullmatch(group)):
+        raise KeyFileError(
+            f"{label}: cache_group must be 1-64 characters of A-Z a-z 0-9 . _ -, got {group!r}"
+        )
+    return Tenant(
+        name,
+        _build_limits(limits, f"{label}: limits"),
+        _parse_priority(entry.get("priority"), f"{label}: priority"),
+        group,
+    )
+
+
+def _parse_priority(grant: Any, label: str) -> PriorityGrant:
+    if grant is None:
+        return PriorityGrant()
+    if not isinstance(grant, dict):
+        raise KeyFileError(f'{label}: must be an object like {{"min": -10, "max": 10}}')
+    _reject_unknown(grant, ("min", "max"), label)
+    try:
+        return PriorityGrant(**grant)
+    except ValueError as exc:
+        raise KeyFileError(f"{label}: {exc}") from None
 
 
 def _limits_fields(limits: RateLimits) -> dict[str, Any]:

@@ -22,9 +22,17 @@ import jinja2.parser
 import jinja2.sandbox
 import jinja2.utils
 
+from quire.tokenizer.template_limits import BoundedSandbox, RenderLimits, TemplateLimitError
+
 # Names a message's reasoning arrives under. Templates read `reasoning_content` (most) or
 # `thinking` (gpt-oss), so both are filled from whichever the caller used, as transformers does.
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# Template variables set from render()'s own arguments; extra variables may not replace them, nor
+# the special tokens or the environment's functions.
+_ARGUMENT_VARIABLES = frozenset(("messages", "add_generation_prompt", "tools"))
+# What a server request's template kwargs may not set: the above, plus the variables that
+# transformers' apply_chat_template takes as arguments (a request has no say in them).
+FIXED_VARIABLES = _ARGUMENT_VARIABLES | {"documents", "continue_final_message", "tokenize"}
 
 
 class ChatTemplates:
@@ -35,11 +43,18 @@ class ChatTemplates:
     in every template's context.
     """
 
-    def __init__(self, templates: Mapping[str, str], special_tokens: Mapping[str, str], source: str) -> None:
+    def __init__(
+        self,
+        templates: Mapping[str, str],
+        special_tokens: Mapping[str, str],
+        source: str,
+        limits: RenderLimits | None = None,
+    ) -> None:
         self._templates = dict(templates)
         self._special_tokens = dict(special_tokens)
         self._source = source
-        self._env = _make_environment()
+        self._limits = limits or RenderLimits()
+        self._env = _make_environment(self._limits)
         self._compiled: dict[str, jinja2.Template] = {}
 
     @property
@@ -58,6 +73,9 @@ class ChatTemplates:
         chat_template: str | None,
         extra: Mapping[str, Any],
     ) -> str:
+        """The prompt; raises ``ValueError`` for bad input, a template's own rejection, or a render
+        past its :class:`RenderLimits` (:class:`TemplateLimitError`)."""
+        self._check_extra(extra)
         template = self._select(tools is not None, chat_template)
         context: dict[str, Any] = {**self._special_tokens, **_to_template_data(dict(extra), "extra")}
         # transformers always defines these two, even as None; templates test `tools is not none`,
@@ -67,16 +85,29 @@ class ChatTemplates:
         context["messages"] = _validate_messages(messages)
         context["add_generation_prompt"] = bool(add_generation_prompt)
         try:
-            return template.render(**context)
+            return self._env.render(template, context)
+        except TemplateLimitError:
+            raise
         except jinja2.TemplateError as exc:
             # raise_exception() in a template is how models reject a conversation (bad role order,
             # unsupported content); the caller gets that message as a ValueError to report.
             raise ValueError(f"chat template rejected the conversation: {exc}") from exc
-        except (TypeError, KeyError, AttributeError) as exc:
+        except RecursionError:
+            raise ValueError("chat template failed: it recursed too deeply") from None
+        except Exception as exc:  # the template is data, not our code: any failure is the input's
             raise ValueError(
                 f"chat template failed on these messages ({type(exc).__name__}: {exc}); "
                 "check that each message's fields have the types this model's template expects"
             ) from exc
+
+    def _check_extra(self, extra: Mapping[str, Any]) -> None:
+        fixed = _ARGUMENT_VARIABLES | self._special_tokens.keys() | self._env.globals.keys()
+        for name in extra:
+            if name in fixed:
+                raise ValueError(
+                    f"chat template argument {name!r} is set by the caller's own parameters or the "
+                    "tokenizer and cannot be overridden; remove it from the template arguments"
+                )
 
     def _select(self, has_tools: bool, chat_template: str | None) -> jinja2.Template:
         if chat_template is not None:
@@ -84,6 +115,11 @@ class ChatTemplates:
                 return self._compile(chat_template)
             # Not a name: a literal template from the caller. Not cached, so that templates sent
             # with requests cannot grow memory without bound.
+            if len(chat_template) > self._limits.max_source_chars:
+                raise TemplateLimitError(
+                    f"the chat_template argument has {len(chat_template)} characters; the limit is "
+                    f"{self._limits.max_source_chars}"
+                )
             return _compile_source(self._env, chat_template, "the chat_template argument")
         if not self._templates:
             raise ValueError(
@@ -114,11 +150,13 @@ def _compile_source(env: jinja2.Environment, source: str, what: str) -> jinja2.T
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"{what} is not valid Jinja (line {exc.lineno}: {exc.message})") from exc
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to compile") from None
 
 
-def _make_environment() -> jinja2.Environment:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationBlock]
+def _make_environment(limits: RenderLimits) -> BoundedSandbox:
+    env = BoundedSandbox(
+        limits, trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationBlock]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -126,6 +164,7 @@ def _make_environment() -> jinja2.Environment:
     env.globals["namespace"] = _GuardedNamespace
     # A function rather than the `dict` type, so templates get no handle on a class object.
     env.globals["dict"] = _make_dict
+    env.bound_filters()
     return env
 
 
