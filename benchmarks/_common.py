@@ -8,15 +8,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_BENCH = REPO.parent / "shared" / "bench"
+# The load generator and checkpoint maker, carried in the repository (benchmarks/tools/).
+TOOLS = Path(__file__).resolve().parent / "tools"
 DEFAULT_MODEL = REPO / "bench-models" / "smollm2-135m"
 
 
 def ensure_model(path: Path, preset: str) -> Path:
-    """The checkpoint at ``path``, made with ../shared/bench/make_model.py if it is not there yet."""
+    """The checkpoint at ``path``, made with benchmarks/tools/make_model.py if it is not there yet."""
     if (path / "config.json").exists():
         return path
-    make_model = SHARED_BENCH / "make_model.py"
+    make_model = TOOLS / "make_model.py"
     if not make_model.exists():
         sys.exit(f"no checkpoint at {path} and no {make_model} to make one: pass --model DIR")
     print(f"making a random {preset} checkpoint in {path} ...", flush=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Serving throughput: ``quire serve`` under load, against ``LLM.generate`` offline, in one run.
 
-Starts the server on a free loopback port, drives it with the shared load generator
-(``/work/shared/bench/loadgen.py``: streaming /v1/completions, token-id prompts, ignore_eos) at
+Starts the server on a free loopback port, drives it with the project's load generator
+(``benchmarks/tools/loadgen.py``: streaming /v1/completions, token-id prompts, ignore_eos) at
 each concurrency level, stops it, then runs the concurrency-32 level's exact requests offline with
 ``max_num_seqs`` = 32. Prints a table of output tokens/s and TTFT/TPOT percentiles, and the server's
 throughput as a fraction of the offline one: the cost of HTTP, SSE and the process hop.
@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from _common import DEFAULT_MODEL, REPO, SHARED_BENCH, ensure_model, time_llm_generate
+from _common import DEFAULT_MODEL, REPO, TOOLS, ensure_model, time_llm_generate
 
 LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 SERVED_NAME = "bench"
 
 
 def load_loadgen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("loadgen", SHARED_BENCH / "loadgen.py")
+    spec = importlib.util.spec_from_file_location("loadgen", TOOLS / "loadgen.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -65,11 +65,18 @@ def start_server(model: Path, max_num_seqs: int, log_path: Path) -> tuple[subpro
     sys.exit("server did not become healthy in time")
 
 
-def run_loadgen(url: str, a: argparse.Namespace) -> list[dict]:
+def id_range(model: Path) -> tuple[int, int]:
+    """loadgen's default prompt-id range [1000, 20000), cut to a smaller model's vocabulary."""
+    vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
+    return (1000, 20000) if vocab >= 20000 else (min(1000, vocab // 2), vocab)
+
+
+def run_loadgen(url: str, a: argparse.Namespace, ids: tuple[int, int]) -> list[dict]:
     command = [
-        sys.executable, str(SHARED_BENCH / "loadgen.py"), "--base-url", url, "--model", SERVED_NAME,
+        sys.executable, str(TOOLS / "loadgen.py"), "--base-url", url, "--model", SERVED_NAME,
         "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--num-requests", str(a.num_requests),
         "--concurrency", a.concurrency, "--seed", str(a.seed), "--label", "quire-serve",
+        "--vocab-lo", str(ids[0]), "--vocab-hi", str(ids[1]),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -91,6 +98,7 @@ def main() -> int:
     a = ap.parse_args()
 
     model = ensure_model(a.model, a.preset)
+    ids = id_range(model)
     levels = [int(c) for c in a.concurrency.split(",")]
     print(
         f"workload: {a.num_requests} streaming requests x {a.input_len} prompt + {a.output_len} output tokens "
@@ -100,7 +108,7 @@ def main() -> int:
     log_path = Path(tempfile.mkdtemp(prefix="quire-bench-")) / "server.log"
     proc, url = start_server(model, a.max_num_seqs, log_path)
     try:
-        rows = run_loadgen(url, a)
+        rows = run_loadgen(url, a, ids)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
@@ -109,8 +117,7 @@ def main() -> int:
     # The same requests as the highest level's (loadgen seeds each level with seed + its index).
     loadgen = load_loadgen()
     top = len(levels) - 1
-    vocab_hi = 20000  # loadgen's default token-id range
-    prompts = loadgen.workload(a.num_requests, a.input_len, 1000, vocab_hi, a.seed + top, 0)
+    prompts = loadgen.workload(a.num_requests, a.input_len, ids[0], ids[1], a.seed + top, 0)
     offline_s, offline_tokens = time_llm_generate(model, prompts, a.output_len, levels[top])
     offline_tps = offline_tokens / offline_s
 

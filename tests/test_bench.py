@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from quire.bench.client import ServeTarget
+from quire.bench.client import ServeTarget, fetch_vocab_size
 from quire.bench.report import BenchRun, format_table, load_run, save_run
 from quire.bench.runner import SweepConfig, run_offline, run_serve
 from quire.bench.stats import SLO, LevelResult, Percentiles, RequestRecord, aggregate, percentile
-from quire.bench.workload import WARMUP, WorkloadConfig, arrival_offsets, make_prompts
+from quire.bench.workload import WARMUP, WorkloadConfig, arrival_offsets, fit_to_vocab, make_prompts
 from quire.entrypoints.cli import build_parser
 
-from server_fixtures import running_server
+from server_fixtures import ServerProcess, running_server
 
 
 @pytest.mark.parametrize(
@@ -179,14 +180,20 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_serve_against_a_real_server(tiny_llama_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir: Callable[[str], Path]) -> Iterator[ServerProcess]:
+    """``quire serve`` of the tiny Llama checkpoint (vocabulary: 512 ids)."""
+    with running_server(str(tiny_model_dir("llama"))) as server:
+        yield server
+
+
+def test_bench_serve_against_a_real_server(tiny_server: ServerProcess) -> None:
     pytest.importorskip("aiohttp")
-    model = str(tiny_llama_dir)
+    model = tiny_server.args[-1]
     # The tiny checkpoint's vocabulary has 512 ids.
     workload = WorkloadConfig(input_len=8, output_len=4, num_requests=4, vocab_lo=10, vocab_hi=500)
     sweep = SweepConfig(concurrency=(1, 2), warmup=1, slo=SLO(ttft_ms=60_000, tpot_ms=60_000))
-    with running_server(model) as server:
-        run = run_serve(ServeTarget(base_url=server.url, model=model), workload, sweep, progress=False)
+    run = run_serve(ServeTarget(base_url=tiny_server.url, model=model), workload, sweep, progress=False)
     assert [level.concurrency for level in run.levels] == [1, 2]
     for level in run.levels:
         assert (level.ok, level.failed) == (4, 0), level.first_error
@@ -196,6 +203,25 @@ def test_bench_serve_against_a_real_server(tiny_llama_dir: Path) -> None:
         for stat in (level.ttft_ms, level.tpot_ms, level.itl_ms, level.e2e_ms):
             assert stat.p50 is not None and math.isfinite(stat.p99)
     assert "c=2" in format_table(run)
+
+
+def test_bench_serve_fits_the_default_id_range_to_the_served_vocabulary(tiny_server: ServerProcess) -> None:
+    # Was: the README's example drew ids up to 30000 against the demo's 2048 and every request
+    # failed; the server now reports vocab_size in /v1/models and the range is cut to it.
+    pytest.importorskip("aiohttp")
+    target = ServeTarget(base_url=tiny_server.url, model=tiny_server.args[-1])
+    assert fetch_vocab_size(target) == 512
+    workload = WorkloadConfig(input_len=8, output_len=2, num_requests=2)  # default ids up to 30000
+    run = run_serve(target, workload, SweepConfig(concurrency=(2,)), progress=False)
+    assert (run.levels[0].ok, run.levels[0].failed) == (2, 0), run.levels[0].first_error
+    assert run.config["workload"]["vocab_hi"] == 512
+
+
+def test_fetch_vocab_size_is_none_where_the_server_does_not_say() -> None:
+    assert fetch_vocab_size(ServeTarget(base_url="http://127.0.0.1:9", model="m"), timeout_s=2) is None
+    fitted = fit_to_vocab(WorkloadConfig(vocab_lo=100, vocab_hi=30000), 64)
+    assert (fitted.vocab_lo, fitted.vocab_hi) == (32, 64)
+    assert fit_to_vocab(WorkloadConfig(vocab_hi=500), 512).vocab_hi == 500
 
 
 def test_bench_offline_runs_the_same_workload(tiny_llama_dir: Path) -> None:
@@ -221,3 +247,21 @@ def test_bench_offline_fits_the_default_id_range_to_a_small_vocabulary(tiny_llam
     run = run_offline(engine, workload, progress=False)
     assert run.levels[0].ok == 2
     assert run.config["workload"]["vocab_hi"] == 512
+
+
+def test_benchmarks_carry_their_own_tools() -> None:
+    # Was: benchmarks/*.py ran ../shared/bench/{loadgen,make_model}.py, outside the repository,
+    # so they failed in a fresh clone.
+    import subprocess
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    for path in bench_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".py", ".md", ".sh"):
+            text = path.read_text()
+            assert "shared/bench" not in text and '"shared"' not in text, path
+    for tool in ("loadgen.py", "make_model.py"):
+        result = subprocess.run(
+            [sys.executable, str(bench_dir / "tools" / tool), "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "usage:" in result.stdout, result.stderr

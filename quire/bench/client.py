@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,23 @@ class ServeTarget:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+
+
+def fetch_vocab_size(target: ServeTarget, timeout_s: float = 10.0) -> int | None:
+    """The served model's vocabulary size from ``GET /v1/models`` (quire reports ``vocab_size``
+    there), or None where the server does not say or cannot be asked."""
+    request = urllib.request.Request(target.base_url.rstrip("/") + "/v1/models", headers=target.headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            listing = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == target.model:
+            vocab = entry.get("vocab_size")
+            return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 2 else None
+    return None
 
 
 def _import_aiohttp():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quire.bench.client import ServeTarget, run_level
+from quire.bench.client import ServeTarget, fetch_vocab_size, run_level
 from quire.bench.report import BenchRun
 from quire.bench.stats import SLO, LevelResult, RequestRecord, aggregate
-from quire.bench.workload import WARMUP, WorkloadConfig, arrival_offsets, make_prompts
+from quire.bench.workload import WARMUP, WorkloadConfig, arrival_offsets, fit_to_vocab, make_prompts
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,15 @@ def run_serve(
     label: str = "",
     progress: bool = True,
 ) -> BenchRun:
+    vocab = fetch_vocab_size(target)
+    if vocab is not None:
+        workload = fit_to_vocab(workload, vocab)
+    elif progress:
+        print(
+            f"note: the server does not report its vocabulary size; prompt token ids are drawn from "
+            f"[{workload.vocab_lo}, {workload.vocab_hi}) (--vocab-lo/--vocab-hi)",
+            file=sys.stderr,
+        )
     results: list[LevelResult] = []
     for index, (concurrency, rate) in enumerate(sweep.levels()):
         # Fresh prompts per level (and per warm-up): a prefix cache must not carry work across.
@@ -109,10 +118,7 @@ def run_offline(
     from quire.sampling import SamplingParams
 
     llm = LLM(**engine_kwargs)
-    vocab = llm.engine.info.vocab_size
-    if workload.vocab_hi > vocab:
-        # The default id range suits real vocabularies; a small model (the demo) gets its own.
-        workload = replace(workload, vocab_hi=vocab, vocab_lo=min(workload.vocab_lo, vocab // 2))
+    workload = fit_to_vocab(workload, llm.engine.info.vocab_size)
     params = SamplingParams(max_tokens=workload.output_len, ignore_eos=True, temperature=0.0)
     if warmup:
         llm.generate(_as_inputs(make_prompts(workload, 0, count=warmup, purpose=WARMUP)), params)

@@ -8,7 +8,7 @@ shared prefix repeats, and only within one level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +46,16 @@ class WorkloadConfig:
             raise ValueError(
                 f"shared_prefix_len must be in [0, input_len={self.input_len}], got {self.shared_prefix_len}"
             )
+
+
+def fit_to_vocab(config: WorkloadConfig, vocab_size: int) -> WorkloadConfig:
+    """``config`` with its token-id range cut to ``[lo, vocab_size)`` where it reaches past the
+    vocabulary: the default range suits real vocabularies, a small model (the demo) gets its own."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    if config.vocab_hi <= vocab_size:
+        return config
+    return replace(config, vocab_hi=vocab_size, vocab_lo=min(config.vocab_lo, vocab_size // 2))
 
 
 def _rng(config: WorkloadConfig, level: int, purpose: int) -> np.random.Generator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -98,9 +99,15 @@ def _serve(ns: argparse.Namespace) -> int:
         tokens_per_minute=ns.tokens_per_minute,
         max_waiting=ns.max_waiting,
         max_body_bytes=ns.max_body_bytes,
+        max_prompt_bytes=ns.max_prompt_bytes,
         request_timeout=ns.request_timeout if ns.request_timeout > 0 else None,
         shutdown_timeout=ns.shutdown_timeout,
         log_prompts=ns.log_prompts,
+        header_timeout=ns.header_timeout,
+        body_timeout=ns.body_timeout,
+        max_engine_restarts=ns.max_engine_restarts,
+        engine_restart_window=ns.engine_restart_window,
+        trust_request_chat_template=ns.trust_request_chat_template,
     )
     # One JSON line per request is part of the service, whatever --log-level says for the rest.
     logging.getLogger("quire.requests").setLevel(logging.INFO)
@@ -112,9 +119,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     parser.add_argument(
         "--served-model-name",
+        # vLLM's spelling (`--served-model-name a b`) keeps working; repeating the option or
+        # separating names with commas adds more. check_served_model_names() refuses the one
+        # ambiguous case: a model path swallowed as a name.
         nargs="+",
+        action="extend",
+        type=_served_names,
         default=None,
-        help="name(s) clients use as 'model' (default: the model path)",
+        metavar="NAME",
+        help="name(s) clients use as 'model' (default: the model path); give the model path first, "
+        "or use --served-model-name=NAME",
     )
     parser.add_argument(
         "--api-key", action="append", help="accept this Bearer key (repeatable); none = no auth"
@@ -128,6 +142,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-waiting", type=int, default=256, help="sequences queued beyond --max-num-seqs before 503s"
     )
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body accepted")
+    parser.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=2 << 20,
+        help="largest text prompt (UTF-8 bytes) accepted; checked before tokenizing",
+    )
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
     parser.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to let requests finish after SIGTERM"
@@ -135,6 +155,59 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-prompts", action="store_true", help="put prompt and completion text in request logs"
     )
+    parser.add_argument(
+        "--header-timeout", type=float, default=30.0, help="seconds a client has to send a request's headers"
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a client has to send a request's body (408)"
+    )
+    parser.add_argument(
+        "--max-engine-restarts",
+        type=int,
+        default=3,
+        help="restarts of a dead engine allowed within --engine-restart-window; beyond: exit 1",
+    )
+    parser.add_argument(
+        "--engine-restart-window", type=float, default=600.0, help="seconds over which engine restarts count"
+    )
+    parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept chat templates sent with requests (chat_template_kwargs.chat_template); off: 400",
+    )
+
+
+def _served_names(text: str) -> list[str]:
+    """One ``--served-model-name`` value: a name, or several separated by commas."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a model name, got {text!r}")
+    return names
+
+
+def check_served_model_names(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Refuse ``--served-model-name NAME /path/to/model``: the option takes one or more values,
+    so argparse reads the path as a second name and quire would silently serve the demo model."""
+    names = _flatten(getattr(ns, "served_model_name", None) or [])
+    if getattr(ns, "command", None) != "serve" or ns.model is not None:
+        ns.served_model_name = names or None
+        return
+    paths = [name for name in names if os.path.exists(name)]
+    if paths:
+        parser.error(
+            f"{paths[0]!r} was read as a --served-model-name, so no model was given and quire would "
+            f"serve its demo model. Put the model first (quire serve {paths[0]} --served-model-name "
+            f"NAME) or write --served-model-name=NAME"
+        )
+    ns.served_model_name = names or None
+
+
+def _flatten(values: list[str | list[str]]) -> list[str]:
+    # action="extend" with nargs="+" and a list-returning type gives a list of lists.
+    out: list[str] = []
+    for value in values:
+        out.extend(value if isinstance(value, list) else [value])
+    return out
 
 
 def _csv(kind: type) -> Callable[[str], tuple]:
@@ -159,7 +232,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         "--shared-prefix-len", type=int, default=0, help="leading tokens shared within a level"
     )
     parser.add_argument("--vocab-lo", type=int, default=100, help="prompt token ids are drawn from [lo, hi)")
-    parser.add_argument("--vocab-hi", type=int, default=30000)
+    parser.add_argument(
+        "--vocab-hi",
+        type=int,
+        default=30000,
+        help="cut to the model's vocabulary where it is smaller (offline, or a server that reports it)",
+    )
     parser.add_argument("--warmup", type=int, default=0, help="uncounted requests before each level")
     parser.add_argument("--label", default="", help="name of this run in tables, files and plots")
     parser.add_argument("--save", default=None, metavar="FILE.json", help="write the results as JSON")
@@ -307,9 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a ``quire`` command line, with the checks argparse cannot express on its own."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    check_served_model_names(parser, ns)
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return ns.handler(ns)

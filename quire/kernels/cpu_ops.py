@@ -1,32 +1,130 @@
 """The C++ CPU kernels in ``csrc/`` (``cpu_ops.cpp``, ``packed_gemm.cpp``), compiled on first use.
 
-The build is cached by torch (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so only
-the first process on a machine pays for it (about a minute on 2 cores). If there is no compiler,
-or the build fails, ``cpu_ops()`` returns ``None`` once, logs why, and every caller keeps its
-pure-torch path: the kernels make quire faster, never able to run where it otherwise could not.
-Set ``QUIRE_CPU_KERNELS=0`` to turn them off (for comparisons and for testing the fallback).
+The build lives in quire's own cache, one directory per build key:
+``$QUIRE_KERNEL_CACHE`` (default ``$QUIRE_CACHE_DIR/kernels`` or ``~/.cache/quire/kernels``) /
+``<quire version>-<key>``. The key hashes everything the compiled module depends on: the CPU it
+was built for (``-march=native``), the torch build and Python ABI it links against, the compiler,
+and the sources and flags. So virtual environments with different torch builds each keep their
+own build instead of rebuilding over each other's, and a cache directory shared by machines with
+different CPUs never hands one of them code for another instruction set. Only the first process
+per key pays for the build (about a minute on 2 cores), and it says so on stderr.
+
+If there is no compiler, or the build fails, ``cpu_ops()`` returns ``None`` once, logs why, and
+every caller keeps its pure-torch path: the kernels make quire faster, never able to run where it
+otherwise could not. Set ``QUIRE_CPU_KERNELS=0`` to turn them off (for comparisons and for
+testing the fallback).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "QUIRE_CPU_KERNELS"
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "packed_gemm.cpp")]
+CACHE_ENV = "QUIRE_KERNEL_CACHE"
+MODULE_NAME = "quire_cpu_ops"
+BUILD_NOTICE = "quire: building CPU kernels (about a minute, once per machine and install)"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("cpu_ops.cpp", "packed_gemm.cpp")]
+_HEADERS = [_CSRC / "packed_gemm.h"]
 # -march=native: the kernels are built on the machine that runs them (AVX2/FMA paths where the
 # CPU has them, portable loops elsewhere). -fopenmp makes at::parallel_for use torch's own
 # OpenMP thread pool (the same libgomp that torch loaded) instead of running serially.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# /proc/cpuinfo fields that decide what -march=native selects (ISA extensions and tuning).
+_CPUINFO_FIELDS = ("vendor_id", "cpu family", "model", "flags", "Features", "CPU implementer", "CPU part")
 
 
 def cpu_kernels_enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class KernelBuildKey:
+    """What a compiled kernel module is only valid for; equal keys may share one build."""
+
+    cpu: str  # the CPU identity -march=native resolves against
+    torch: str  # torch version, its git revision, and the Python ABI tag
+    toolchain: str  # compiler, sources and flags
+
+    def __post_init__(self) -> None:
+        for name in ("cpu", "torch", "toolchain"):
+            if not getattr(self, name):
+                raise ValueError(f"KernelBuildKey.{name} must be a non-empty string")
+
+    def digest(self) -> str:
+        text = "\0".join((self.cpu, self.torch, self.toolchain))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """The first processor's ISA-relevant /proc/cpuinfo lines (flags sorted), or what
+    ``platform`` knows where there is no /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if sep and name in _CPUINFO_FIELDS and name not in fields:
+            words = value.split()
+            fields[name] = " ".join(sorted(words) if name in ("flags", "Features") else words)
+    identity = ";".join(f"{name}={fields[name]}" for name in _CPUINFO_FIELDS if name in fields)
+    return f"{platform.machine()};{identity or platform.processor() or 'unknown'}"
+
+
+def torch_identity() -> str:
+    import torch
+
+    git = getattr(torch.version, "git_version", "") or ""
+    return f"torch={torch.__version__};git={git};python={sys.implementation.cache_tag}"
+
+
+def toolchain_identity() -> str:
+    digest = hashlib.sha256()
+    for path in [*_SOURCES, *_HEADERS]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    compiler = os.environ.get("CXX", "c++")
+    return f"cxx={compiler};flags={' '.join(_CFLAGS)};sources={digest.hexdigest()[:16]}"
+
+
+def current_build_key() -> KernelBuildKey:
+    return KernelBuildKey(cpu=cpu_identity(), torch=torch_identity(), toolchain=toolchain_identity())
+
+
+def kernel_cache_root() -> Path:
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("QUIRE_CACHE_DIR") or Path.home() / ".cache" / "quire"
+    return Path(base) / "kernels"
+
+
+def kernel_build_dir(key: KernelBuildKey, root: Path | None = None) -> Path:
+    """The directory the kernels for ``key`` are built in and loaded from."""
+    from quire import __version__
+
+    return (root if root is not None else kernel_cache_root()) / f"{__version__}-{key.digest()}"
+
+
+def _built_library(build_dir: Path) -> Path:
+    import sysconfig
+
+    # torch's loader names the module <name>.so on Linux and macOS, <name>.pyd on Windows.
+    suffix = ".pyd" if sysconfig.get_platform().startswith("win") else ".so"
+    return build_dir / f"{MODULE_NAME}{suffix}"
 
 
 @functools.cache
@@ -37,8 +135,19 @@ def cpu_ops() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        build_dir = kernel_build_dir(current_build_key())
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not _built_library(build_dir).exists():
+            # A silent minute on first start looks like a hang; one line says what is going on.
+            print(BUILD_NOTICE, file=sys.stderr, flush=True)
         sources = [str(path) for path in _SOURCES]
-        return load(name="quire_cpu_ops", sources=sources, extra_cflags=_CFLAGS, verbose=False)
+        return load(
+            name=MODULE_NAME,
+            sources=sources,
+            extra_cflags=_CFLAGS,
+            build_directory=str(build_dir),
+            verbose=False,
+        )
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
         logger.warning("compiled CPU kernels unavailable, using pure-torch paths: %s", exc)
         return None
