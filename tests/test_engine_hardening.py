@@ -294,3 +294,43 @@ def test_text_prompts_are_range_checked_like_token_id_prompts(tiny_llama_dir: Pa
         processor.process_prompt(PROMPT)
     with pytest.raises(ValueError, match="prompt token ids must be integers"):
         processor.process_prompt({"prompt_token_ids": token_ids})
+
+
+def test_an_input_frame_the_engine_cannot_decode_fails_only_its_request(tmp_path: Path) -> None:
+    """Decoding in the engine process re-runs ``SamplingParams`` validation: a frame that fails it
+    (sent by an older or buggy API process) becomes that request's error, not a dead step loop."""
+    import os
+
+    import zmq
+
+    from quire.core.request import EngineCoreRequest
+    from quire.frontend import protocol
+    from quire.frontend.core_process import _ZmqTransport
+
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    input_addr, output_addr = f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"
+    push.bind(input_addr)
+    pull.bind(output_addr)
+    transport = _ZmqTransport(input_addr, output_addr, parent_pid=os.getppid())
+    try:
+        encode = protocol.input_encoder().encode
+        request = EngineCoreRequest("req-bad", [1, 2, 3], _unchecked(**KILLERS["top_p"]), frozenset([0]), 0.0)
+        push.send(encode(protocol.AddRequest(request)))
+        push.send(b"\xc1 not msgpack")  # no request id to answer: dropped
+        push.send(encode(protocol.AbortRequests(["req-other"])))
+        messages: list[object] = []
+        for _ in range(50):  # the frames arrive asynchronously over the socket
+            messages += transport.receive(block=True) or []
+            if len(messages) >= 2:
+                break
+        assert len(messages) == 2, messages
+        error, abort = messages
+        assert isinstance(error, protocol.RequestError) and error.request_id == "req-bad"
+        assert "top_p" in error.message
+        assert isinstance(abort, protocol.AbortRequests) and abort.request_ids == ["req-other"]
+    finally:
+        transport.close()
+        push.close(0)
+        pull.close(0)
+        ctx.term()

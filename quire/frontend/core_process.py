@@ -39,7 +39,9 @@ IDLE_POLL_S = 0.25
 # The API process puts both IPC sockets in a fresh temporary directory named like this.
 SOCKET_DIR_PREFIX = "quire-engine-"
 
-Receive = Callable[[bool], "list[protocol.EngineInput] | None"]  # block? -> messages, None = stop
+Receive = Callable[
+    [bool], "list[protocol.EngineInput | protocol.RequestError] | None"
+]  # block? -> messages, None = stop
 Publish = Callable[[protocol.OutputBatch], None]
 
 
@@ -49,10 +51,15 @@ class EngineCoreLoop:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
 
-    def handle(self, message: protocol.EngineInput, errors: list[protocol.RequestError]) -> bool:
-        """Apply one input; False means shut down."""
+    def handle(
+        self, message: protocol.EngineInput | protocol.RequestError, errors: list[protocol.RequestError]
+    ) -> bool:
+        """Apply one input; False means shut down. A ``RequestError`` is an input the transport
+        could not decode: it goes back to the API as that request's error."""
         core = self.core
-        if isinstance(message, protocol.AddRequest):
+        if isinstance(message, protocol.RequestError):
+            errors.append(message)
+        elif isinstance(message, protocol.AddRequest):
             try:
                 core.add_request(message.request)
             except ValueError as exc:  # RequestRejected or a duplicate id: the request's problem
@@ -119,7 +126,7 @@ class _ZmqTransport:
     def parent_alive(self) -> bool:
         return os.getppid() == self.parent_pid
 
-    def receive(self, block: bool) -> list[protocol.EngineInput] | None:
+    def receive(self, block: bool) -> list[protocol.EngineInput | protocol.RequestError] | None:
         if not self.parent_alive():
             logger.warning("the API server process is gone; engine core exiting")
             return None
@@ -131,7 +138,21 @@ class _ZmqTransport:
                 frame = self.input.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return messages
-            messages.append(self.decoder.decode(frame.buffer))
+            message = self._decode(frame.buffer)
+            if message is not None:
+                messages.append(message)
+
+    def _decode(self, buffer: memoryview) -> protocol.EngineInput | protocol.RequestError | None:
+        """One input message. Decoding re-runs ``SamplingParams`` validation, so a frame that fails
+        it must cost only its own request, never the step loop."""
+        try:
+            return self.decoder.decode(buffer)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            request_id = _add_request_id(buffer)
+            logger.error("dropped an input message the engine cannot decode (%s)", type(exc).__name__)
+            if request_id is None:
+                return None  # not a request: nobody waits for an answer
+            return protocol.RequestError(request_id, f"the engine could not decode the request: {exc}")
 
     def publish(self, batch: protocol.OutputBatch | protocol.Ready | protocol.EngineFailed) -> None:
         self.output.send(self.encoder.encode(batch), copy=False)
@@ -178,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         transport.close()
         if not transport.parent_alive():
             _remove_socket_dir(ns.input_addr)
+
+
+def _add_request_id(buffer: memoryview) -> str | None:
+    """The request id of an ``AddRequest`` frame decoded without its types, or None."""
+    try:
+        tag, request = msgspec.msgpack.decode(buffer)
+        request_id = request["request_id"] if tag == "add" and isinstance(request, dict) else None
+    except Exception:
+        return None
+    return request_id if isinstance(request_id, str) else None
 
 
 def _remove_socket_dir(addr: str) -> None:
