@@ -28,7 +28,9 @@ from quire.frontend.async_client import InProcessEngineClient, RequestStream
 from quire.frontend.input_processor import ProcessedPrompt
 from quire.sampling import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
 from quire.server.auth import Tenant
+from quire.server.errors import APIError
 from quire.server.metrics import ServerMetrics
+from quire.server.openai.admission import submit
 from quire.server.openai.serving import EngineRequestError, Generation, Job
 from quire.server.openai.streaming import collect_choices, stream_chunks
 from quire.server.ratelimit import RateLimiter, RateLimits
@@ -213,6 +215,41 @@ def test_rate_limit_settles_on_the_real_token_count() -> None:
     assert limiter.settle("t", 1, 0).allowed  # a refund never exceeds the burst
 
 
+def test_refused_settlement_refunds_the_charge_once() -> None:
+    """A prompt whose real token count is past the tenant's burst (its pre-tokenizing guess was
+    not) is refused, and the guess charged for it comes back once, not twice."""
+    limits = RateLimits(tokens_per_minute=60, token_burst=100)
+    limiter = RateLimiter(lambda tenant: limits, clock=lambda: 0.0)
+    processor = SimpleNamespace(
+        process_prompt=lambda prompt: ProcessedPrompt(prompt, [1] * len(prompt)),
+        make_request=lambda engine_id, prompt, params, priority, salt: (
+            ProcessedPrompt(prompt["prompt"], prompt["prompt_token_ids"]),
+            None,
+        ),
+        max_model_len=1000,
+    )
+    client = SimpleNamespace(
+        input_processor=processor,
+        info=SimpleNamespace(max_model_len=1000),
+        num_unfinished_seqs=0,
+        new_request_id=lambda: "r1",
+    )
+    state = SimpleNamespace(
+        engine=lambda: client,
+        settings=ServerSettings(),
+        metrics=ServerMetrics("m"),
+        limiter=limiter,
+        max_num_seqs=4,
+    )
+    assert limiter.check("t", 50).allowed  # 50 of the 100 left
+    ctx = RequestContext(request_id="x", endpoint="/v1/completions", tenant="t")
+    params = SamplingParams(max_tokens=1)
+    with pytest.raises(APIError) as refused:  # guessed 120 // 6 + 1 = 21 tokens, really 121
+        asyncio.run(submit(state, ctx, Tenant("t"), ["a" * 120], params, 0, False))  # type: ignore[arg-type]
+    assert refused.value.status == 400
+    assert limiter.peek("t", 50).allowed and not limiter.peek("t", 51).allowed
+
+
 def test_prompt_over_max_prompt_bytes_is_413(server: ServerProcess) -> None:
     started = time.monotonic()
     response = _post(server, "/v1/completions", {"prompt": "é" * 2_200_000, "max_tokens": 1})
@@ -221,6 +258,16 @@ def test_prompt_over_max_prompt_bytes_is_413(server: ServerProcess) -> None:
     assert time.monotonic() - started < 1.5
     tokenize = _post(server, "/tokenize", {"prompt": "a" * (4 << 20) + "a"})
     assert "max_prompt_bytes" in _assert_openai_error(tokenize, 413)["message"]
+
+
+def test_chat_prompt_over_max_prompt_bytes_is_a_counted_413(server: ServerProcess) -> None:
+    key = "quire:requests_rejected_total{reason=too_long}"
+    before = server.metrics()[key]
+    chat = {"messages": [{"role": "user", "content": "é" * 2_200_000}], "max_tokens": 1}
+    error = _assert_openai_error(_post(server, "/v1/chat/completions", chat), 413)
+    assert "max_prompt_bytes" in error["message"] and error["param"] == "messages"
+    assert error["code"] == "prompt_too_large"
+    assert server.metrics()[key] == before + 1  # counted like a completion prompt's 413
 
 
 def test_health_answers_while_a_long_prompt_is_tokenized(server: ServerProcess) -> None:
@@ -382,6 +429,24 @@ def test_engine_error_finish_is_an_sse_error_event() -> None:
     assert 'quire:request_error_total{model_name="m"} 1.0' in text
     assert 'quire:request_success_total{finished_reason="stop",model_name="m"} 0.0' in text
     assert gen not in gen.state.live_generations
+
+
+def test_engine_error_of_one_sequence_aborts_its_running_siblings() -> None:
+    """n=2, sequence 0 failed in the engine while sequence 1 still runs: the HTTP request fails,
+    and sequence 1 is aborted in the engine rather than left to run to its token limit."""
+    gen = _generation([], streaming=True)
+    job = gen.jobs[0]
+    job.stream = RequestStream("req-0", 2)
+    seq = CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")
+    job.stream.put(RequestOutput("req-0", "hi", [1, 2], [seq], finished=False, metrics=RequestMetrics(0.0)))
+
+    async def run() -> list[bytes]:
+        chunks = stream_chunks(gen, ChunkFramer({"id": "x"}, False), _Formatter(), False)
+        return [chunk async for chunk in chunks]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1] == DONE and b"engine_error" in chunks[-2]
+    assert gen.state.client.aborted == ["req-0"]
 
 
 def test_engine_error_finish_is_a_500_response() -> None:

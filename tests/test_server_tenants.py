@@ -61,14 +61,24 @@ def test_prefix_cache_hits_never_cross_tenants(server: ServerProcess) -> None:
     assert _cached_tokens(server, "a", shared) == 0
 
 
+def _rejected_invalid(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("quire:requests_rejected_total{") and 'reason="invalid"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_priority_is_a_per_tenant_grant(server: ServerProcess) -> None:
     b = _client(server, "b")
+    rejected_before = _rejected_invalid(server)
     # Before: any client could send priority -1000000 and preempt every other tenant's streams.
     with pytest.raises(openai.BadRequestError) as refused:
         b.completions.create(model="quire-demo", prompt="hi", max_tokens=1, extra_body={"priority": -5})
     error = refused.value.body
     assert isinstance(error, dict) and error["param"] == "priority"
     assert "[0, 2147483647]" in error["message"]
+    assert _rejected_invalid(server) == rejected_before + 1  # counted like every other 400
     # Less urgent than normal is always fine.
     assert b.completions.create(model="quire-demo", prompt="hi", max_tokens=1, extra_body={"priority": 3})
     # A is granted [-10, 10].

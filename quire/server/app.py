@@ -23,8 +23,9 @@ from quire.frontend.async_client import EngineDeadError
 from quire.server.errors import APIError, openai_error
 from quire.server.middleware import EdgeMiddleware
 from quire.server.openai import chat, completions
+from quire.server.openai.admission import tokenize_text
 from quire.server.openai.protocol import DetokenizeRequest, TokenizeRequest
-from quire.server.openai.serving import ClientDisconnected, engine_dead_error, tokenize_text
+from quire.server.openai.serving import ClientDisconnected, engine_dead_error
 from quire.server.openai.streaming import CLIENT_CLOSED_STATUS
 from quire.server.openapi import install_openapi
 from quire.server.state import ServerState, context, server_state
@@ -143,6 +144,12 @@ def _field_name(loc: tuple) -> str:
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "function-after", "function-plain"})
 
 
+def _probe(state: ServerState, ok: bool) -> Response:
+    if ok:
+        return Response(status_code=200)
+    return json_response(openai_error(503, state.unavailable_reason() or "unavailable"), 503)
+
+
 def _add_info_routes(app: FastAPI) -> None:
     # /health is vLLM's readiness probe (200 only when requests can be served); /health/ready is
     # the same under its Kubernetes name. /health/live stays 200 while the engine loads, restarts
@@ -151,16 +158,12 @@ def _add_info_routes(app: FastAPI) -> None:
     @app.get("/health/ready")
     async def health(request: Request) -> Response:
         state = server_state(request)
-        if state.healthy:
-            return Response(status_code=200)
-        return json_response(openai_error(503, state.unavailable_reason() or "unavailable"), 503)
+        return _probe(state, state.healthy)
 
     @app.get("/health/live")
     async def live(request: Request) -> Response:
         state = server_state(request)
-        if state.alive:
-            return Response(status_code=200)
-        return json_response(openai_error(503, state.unavailable_reason() or "unavailable"), 503)
+        return _probe(state, state.alive)
 
     @app.get("/version")
     async def version() -> Response:

@@ -352,17 +352,12 @@ def _parse_entry(entry: Any, base: dict[str, Any], label: str) -> Tenant:
     limits = base
     if "limits" in entry:
         limits = _merge_limits(base, entry["limits"], f"{label}: limits")
-    group = entry.get("cache_group")
-    if group is not None and (not isinstance(group, str) or not _TENANT_RE.fullmatch(group)):
-        raise KeyFileError(
-            f"{label}: cache_group must be 1-64 characters of A-Z a-z 0-9 . _ -, got {group!r}"
-        )
-    return Tenant(
-        name,
-        _build_limits(limits, f"{label}: limits"),
-        _parse_priority(entry.get("priority"), f"{label}: priority"),
-        group,
-    )
+    rate_limits = _build_limits(limits, f"{label}: limits")
+    priority = _parse_priority(entry.get("priority"), f"{label}: priority")
+    try:
+        return Tenant(name, rate_limits, priority, entry.get("cache_group"))
+    except ValueError as exc:  # Tenant's own checks (cache_group), worded for the file
+        raise KeyFileError(f"{label}: {exc}") from None
 
 
 def _parse_priority(grant: Any, label: str) -> PriorityGrant:

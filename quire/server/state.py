@@ -87,7 +87,7 @@ class ServerState:
         self.draining = False
         self._body_reads: set[asyncio.Timeout] = set()  # see reading_body()
         self.in_flight = 0  # HTTP requests being served (health and metrics excluded)
-        # Every running Generation (added by serving.submit, removed when it closes), so that a
+        # Every running Generation (added by admission.submit, removed when it closes), so that a
         # shutdown can end each with an error its client sees instead of a cut connection.
         self.live_generations: set[Failable] = set()
         self.load_error: str | None = None

@@ -11,8 +11,9 @@ import tokenizers
 
 from quire.tokenizer.chat_template import ChatTemplates
 
-# Texts this long are encoded with the GIL released (same ids; a thread hop is not worth it below).
-_GIL_FREE_ENCODE_CHARS = 16384
+# Texts this long are encoded with the GIL released (same ids; a thread hop is not worth it below),
+# so callers tokenize them in a worker thread (the server's admission does).
+GIL_FREE_ENCODE_CHARS = 16384
 _CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _STANDARD_SPECIAL_TOKENS = frozenset(
@@ -116,7 +117,7 @@ class Tokenizer:
         BOS is prepended when ``add_bos_token`` asks for it and the post-processor did not add one.
         Never yields two BOS: text that already starts with the BOS token (a rendered chat template
         often does) keeps just that one."""
-        if len(text) < _GIL_FREE_ENCODE_CHARS:
+        if len(text) < GIL_FREE_ENCODE_CHARS:
             ids: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         else:
             # encode() holds the GIL throughout; encode_batch() releases it, so a long prompt

@@ -22,13 +22,19 @@ from starlette.responses import Response
 
 from quire.sampling import CompletionOutput
 from quire.server.errors import APIError
+from quire.server.openai.admission import (
+    check_priority,
+    check_prompt_bytes,
+    precheck,
+    prompt_too_large,
+    submit,
+)
 from quire.server.openai.logprobs import chat_logprobs
 from quire.server.openai.protocol import ChatCompletionRequest, ChatMessage
-from quire.server.openai.serving import precheck, submit
 from quire.server.openai.streaming import collect_choices, stream_chunks
 from quire.server.settings import ServerSettings
 from quire.server.sse import ChunkFramer, SSEResponse
-from quire.server.state import context, server_state
+from quire.server.state import ServerState, context, server_state
 from quire.tokenizer import Tokenizer
 from quire.tokenizer.chat_template import FIXED_VARIABLES
 from quire.tokenizer.template_limits import RenderLimits
@@ -79,8 +85,8 @@ def _render(
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
     )
-    if max_prompt_bytes is not None:
-        _check_prompt_size(text, max_prompt_bytes)
+    if max_prompt_bytes is not None and (size := len(text.encode("utf-8"))) > max_prompt_bytes:
+        raise prompt_too_large(size, max_prompt_bytes, "messages")
     # The template already wrote any BOS token it wants; adding special tokens would double it.
     return text, tokenizer.encode(text, add_special_tokens=False)
 
@@ -125,29 +131,11 @@ def check_request_template(
     return template
 
 
-def _check_message_size(messages: list[ChatMessage], settings: ServerSettings) -> None:
+def _check_message_size(messages: list[ChatMessage], state: ServerState) -> None:
     # The prompt holds every message's text: refuse what the prompt limit could never admit
     # before paying for the render and the tokenizing.
     size = sum(len(m.template_dict()["content"].encode("utf-8")) for m in messages)
-    if size > settings.max_prompt_bytes:
-        raise _prompt_too_large(size, settings.max_prompt_bytes)
-
-
-def _check_prompt_size(text: str, limit: int) -> None:
-    size = len(text.encode("utf-8"))
-    if size > limit:
-        raise _prompt_too_large(size, limit)
-
-
-def _prompt_too_large(size: int, limit: int) -> APIError:
-    # The same refusal (413, code prompt_too_large) as a completion prompt over the limit.
-    return APIError(
-        413,
-        f"The chat prompt is {size} bytes of text, more than this server's limit of {limit} bytes "
-        "(max_prompt_bytes, --max-prompt-bytes); shorten the messages.",
-        param="messages",
-        code="prompt_too_large",
-    )
+    check_prompt_bytes(state, size, "messages")
 
 
 class _Formatter:
@@ -187,10 +175,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = body.sampling_params(body.max_new_tokens(), top_logprobs)
     client = state.engine()
     assert client.tokenizer is not None and ctx.auth is not None
-    ctx.auth.priority.check(body.priority)  # submit checks it too; here before the render's cost
+    check_priority(state, ctx.auth, body.priority)  # submit checks it too; here before the render's cost
     precheck(state, ctx.auth, params)  # a tenant over its rate limit costs no template rendering
     template = check_request_template(body, client.tokenizer, state.settings)
-    _check_message_size(body.messages, state.settings)
+    _check_message_size(body.messages, state)
     text, token_ids = await render_chat_prompt(
         client.tokenizer,
         body.messages,

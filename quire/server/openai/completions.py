@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from quire.sampling import CompletionOutput
+from quire.server.openai.admission import submit
 from quire.server.openai.logprobs import completion_logprobs
 from quire.server.openai.protocol import CompletionRequest
-from quire.server.openai.serving import submit
 from quire.server.openai.streaming import collect_choices, stream_chunks
 from quire.server.sse import ChunkFramer, SSEResponse
 from quire.server.state import context, server_state
