@@ -80,6 +80,10 @@ def test_stalled_body_gets_408_then_close(server: ServerProcess) -> None:
     error = json.loads(body)["error"]
     assert "body" in error["message"] and error["type"] and error["code"] == "timeout"
     _completion_works(server)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'quire:requests_rejected_total{model_name="quire-demo",reason="body_timeout"} 1.0' in metrics, [
+        line for line in metrics.splitlines() if "rejected" in line
+    ]
 
 
 def test_complete_requests_on_a_raw_socket_still_work(server: ServerProcess) -> None:

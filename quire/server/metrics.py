@@ -61,7 +61,16 @@ TOKEN_COUNT_BUCKETS: tuple[float, ...] = tuple(
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 # As vLLM: only these finish a request successfully; aborts and errors have counters of their own.
 SUCCESS_REASONS: tuple[str, ...] = ("stop", "length")
-REJECT_REASONS: tuple[str, ...] = ("backpressure", "too_long", "invalid", "unauthorized", "not_found")
+REJECT_REASONS: tuple[str, ...] = (
+    "backpressure",
+    "too_long",
+    "invalid",
+    "unauthorized",
+    "not_found",
+    "body_too_large",
+    "body_timeout",
+    "draining",
+)
 
 _LABEL_VALUE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 

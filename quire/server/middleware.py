@@ -64,6 +64,7 @@ class EdgeMiddleware:
                     return
                 ctx.tenant = ctx.auth.name
             if state.draining:
+                state.metrics.inc_rejected("draining")
                 await _send_error(
                     send_with_id, APIError.overloaded(state.unavailable_reason() or "", RETRY_AFTER_S)
                 )
@@ -71,9 +72,11 @@ class EdgeMiddleware:
             try:
                 body_receive = await self._read_body(scope, receive, headers)
             except TimeoutError:  # a stalled upload, or one cut short by a drain: answer and close
+                state.metrics.inc_rejected("draining" if state.draining else "body_timeout")
                 await _send_error(send_with_id, _body_timeout_error(state))
                 return
             if body_receive is None:
+                state.metrics.inc_rejected("body_too_large")
                 limit = state.settings.max_body_bytes
                 error = APIError.payload_too_large(
                     f"The request body is larger than the limit of {limit} bytes."
