@@ -54,23 +54,33 @@ def test_served_model_name_rejects_an_empty_name() -> None:
 
 # --- the compiled-kernel cache (issue 11, defect 14) ---
 
-_KEY = KernelBuildKey(cpu="x86_64;flags=avx2 fma", torch="torch=2.13.0+cpu;git=abc", toolchain="cxx=c++")
+_KEY = KernelBuildKey(
+    cpu="x86_64;flags=avx2 fma", torch="torch=2.13.0+cpu;git=abc", toolchain="cxx=c++", tier="avx2"
+)
 
 
 def test_kernel_build_key_changes_with_cpu_torch_and_toolchain() -> None:
     digests = {
         _KEY.digest(),
         KernelBuildKey(
-            cpu="x86_64;flags=avx2 avx512f fma", torch=_KEY.torch, toolchain=_KEY.toolchain
+            cpu="x86_64;flags=avx2 avx512f fma", torch=_KEY.torch, toolchain=_KEY.toolchain, tier=_KEY.tier
         ).digest(),
-        KernelBuildKey(cpu=_KEY.cpu, torch="torch=2.12.0+cpu;git=abc", toolchain=_KEY.toolchain).digest(),
-        KernelBuildKey(cpu=_KEY.cpu, torch="torch=2.13.0+cpu;git=def", toolchain=_KEY.toolchain).digest(),
-        KernelBuildKey(cpu=_KEY.cpu, torch=_KEY.torch, toolchain="cxx=clang++").digest(),
+        KernelBuildKey(cpu=_KEY.cpu, torch=_KEY.torch, toolchain=_KEY.toolchain, tier="avx512").digest(),
+        KernelBuildKey(
+            cpu=_KEY.cpu, torch="torch=2.12.0+cpu;git=abc", toolchain=_KEY.toolchain, tier=_KEY.tier
+        ).digest(),
+        KernelBuildKey(
+            cpu=_KEY.cpu, torch="torch=2.13.0+cpu;git=def", toolchain=_KEY.toolchain, tier=_KEY.tier
+        ).digest(),
+        KernelBuildKey(cpu=_KEY.cpu, torch=_KEY.torch, toolchain="cxx=clang++", tier=_KEY.tier).digest(),
     }
-    assert len(digests) == 5
-    assert KernelBuildKey(cpu=_KEY.cpu, torch=_KEY.torch, toolchain=_KEY.toolchain).digest() == _KEY.digest()
+    assert len(digests) == 6
+    assert (
+        KernelBuildKey(cpu=_KEY.cpu, torch=_KEY.torch, toolchain=_KEY.toolchain, tier=_KEY.tier).digest()
+        == _KEY.digest()
+    )
     with pytest.raises(ValueError):
-        KernelBuildKey(cpu="", torch="t", toolchain="c")
+        KernelBuildKey(cpu="", torch="t", toolchain="c", tier="avx2")
 
 
 def test_cpu_identity_reads_the_isa_fields_and_ignores_their_order() -> None:
@@ -87,9 +97,11 @@ def test_cpu_identity_reads_the_isa_fields_and_ignores_their_order() -> None:
 def test_kernel_build_dir_is_per_key_and_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from quire import __version__
 
-    other = KernelBuildKey(cpu="aarch64;Features=asimd", torch=_KEY.torch, toolchain=_KEY.toolchain)
+    other = KernelBuildKey(
+        cpu="aarch64;Features=asimd", torch=_KEY.torch, toolchain=_KEY.toolchain, tier=_KEY.tier
+    )
     assert kernel_build_dir(_KEY, tmp_path) != kernel_build_dir(other, tmp_path)
-    assert kernel_build_dir(_KEY, tmp_path).name == f"{__version__}-{_KEY.digest()}"
+    assert kernel_build_dir(_KEY, tmp_path).name == f"{__version__}-avx2-{_KEY.digest()}"
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "kc"))
     assert kernel_cache_root() == tmp_path / "kc"
     assert kernel_build_dir(_KEY).parent == tmp_path / "kc"
@@ -104,4 +116,5 @@ def test_current_build_key_covers_this_torch_and_cpu() -> None:
     key = kernels.current_build_key()
     assert torch.__version__ in key.torch
     assert key.cpu.startswith(__import__("platform").machine())
-    assert "-march=native" in key.toolchain
+    assert "-march=native" not in key.toolchain  # the tier's flags decide the instruction set
+    assert key.tier == kernels.chosen_tier().name

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -568,11 +569,16 @@ def test_cpu_prefill_kernel_rejects_bad_chunks() -> None:
 
 @pytest.mark.parametrize("bf16_panels", [False, True])
 def test_cpu_packed_linear_matches_float64(bf16_panels: bool) -> None:
-    """The panel GEMM on shapes that hit every edge: rows across tile boundaries (1-6 row tiles,
-    passes of 48 rows), columns not a multiple of the 16-column panel, several K blocks, bias."""
     ops = cpu_ops()
     if ops is None:
         pytest.skip("CPU kernels unavailable")
+    check_packed_linear(ops, bf16_panels)
+
+
+def check_packed_linear(ops: ModuleType, bf16_panels: bool) -> None:
+    """The panel GEMM on shapes that hit every edge: rows across tile boundaries (1-6 row tiles,
+    passes of 48 rows), columns not a multiple of the 16-column panel, several K blocks, bias.
+    Shared with tests/test_kernels_isa.py, which runs it on every instruction-set tier's build."""
     gen = torch.Generator().manual_seed(3)
     for out_features, in_features in [(37, 19), (64, 576), (21, 1000)]:
         weight = torch.randn(out_features, in_features, generator=gen)
@@ -610,6 +616,12 @@ def test_cpu_fused_elementwise_kernels_match_torch() -> None:
     ops = cpu_ops()
     if ops is None:
         pytest.skip("CPU kernels unavailable")
+    check_fused_elementwise(ops)
+
+
+def check_fused_elementwise(ops: ModuleType) -> None:
+    """SiLU-and-multiply, fused add+RMSNorm and rotary against torch (also run per tier by
+    tests/test_kernels_isa.py)."""
     gen = torch.Generator().manual_seed(2)
     for tokens, dim in [(1, 64), (7, 576), (33, 13)]:  # 13: the non-vectorised tail on its own
         gate_up = torch.randn(tokens, 2 * dim, generator=gen) * 6  # well into both tails of silu
