@@ -209,3 +209,25 @@ def test_process_client_restarts_after_engine_kill(tiny_llama_dir: Path) -> None
         assert not Path(client.socket_dir).exists()
 
     asyncio.run(run())
+
+
+def test_process_client_gives_up_on_an_engine_that_never_finishes_loading(tiny_llama_dir: Path) -> None:
+    # Before: _wait_ready had no deadline, so an engine hung while loading kept readiness at 503
+    # forever. Importing torch alone takes longer than this timeout, so the engine cannot be ready.
+    async def run() -> None:
+        client = ProcessEngineClient(
+            _args(tiny_llama_dir), str(tiny_llama_dir), Tokenizer.from_dir(tiny_llama_dir), load_timeout=0.2
+        )
+        with pytest.raises(EngineDeadError, match="did not finish loading within 0.2 s"):
+            await client.start()
+        proc = client._proc
+        assert proc is not None and proc.poll() is not None  # killed, not left loading
+        socket_dir = client.socket_dir
+        await client.shutdown()
+        assert socket_dir is None or not Path(socket_dir).exists()
+
+    asyncio.run(run())
+    with pytest.raises(ValueError, match="load_timeout"):
+        ProcessEngineClient(
+            _args(tiny_llama_dir), str(tiny_llama_dir), Tokenizer.from_dir(tiny_llama_dir), load_timeout=0
+        )

@@ -107,6 +107,7 @@ def _serve(ns: argparse.Namespace) -> int:
         body_timeout=ns.body_timeout,
         max_engine_restarts=ns.max_engine_restarts,
         engine_restart_window=ns.engine_restart_window,
+        engine_load_timeout=ns.engine_load_timeout,
         trust_request_chat_template=ns.trust_request_chat_template,
     )
     # One JSON line per request is part of the service, whatever --log-level says for the rest.
@@ -169,6 +170,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engine-restart-window", type=float, default=600.0, help="seconds over which engine restarts count"
+    )
+    parser.add_argument(
+        "--engine-load-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds an engine (re)start may take to load the model before it counts as failed",
     )
     parser.add_argument(
         "--trust-request-chat-template",

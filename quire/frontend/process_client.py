@@ -47,10 +47,20 @@ class ProcessEngineClient(EngineClient):
     validates the model directory before anything slow starts)."""
 
     def __init__(
-        self, args: EngineArgs, model_path: str, tokenizer: Tokenizer, log_level: str = "WARNING"
+        self,
+        args: EngineArgs,
+        model_path: str,
+        tokenizer: Tokenizer,
+        log_level: str = "WARNING",
+        load_timeout: float | None = None,
     ) -> None:
         super().__init__()
+        if load_timeout is not None and not load_timeout > 0:
+            raise ValueError(f"load_timeout must be a positive number of seconds, got {load_timeout}")
         self.args = args
+        # An engine that neither reports Ready nor exits (a hung load, a stuck device) would keep
+        # readiness at 503 forever; past this it is killed and treated as a failed start.
+        self.load_timeout = load_timeout
         self.model_path = model_path
         self._tokenizer = tokenizer
         self._log_level = log_level
@@ -138,8 +148,21 @@ class ProcessEngineClient(EngineClient):
     async def _wait_ready(self) -> EngineInfo:
         proc, sock = self._proc, self._output
         assert proc is not None and sock is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if self.load_timeout is None else loop.time() + self.load_timeout
         while True:
-            if await sock.poll(LIVENESS_POLL_MS, zmq.POLLIN):
+            if deadline is not None and loop.time() >= deadline:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+                self._fail_start(
+                    f"the engine did not finish loading within {self.load_timeout:g} s (--engine-load-timeout)"
+                )
+            poll_ms = (
+                LIVENESS_POLL_MS
+                if deadline is None
+                else min(LIVENESS_POLL_MS, (deadline - loop.time()) * 1000)
+            )
+            if await sock.poll(max(1, int(poll_ms)), zmq.POLLIN):
                 message = self._decoder.decode(await sock.recv())
                 if isinstance(message, protocol.Ready):
                     return message.info

@@ -116,7 +116,9 @@ def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING"
     model_path = resolve_model_path(args)
     tokenizer = Tokenizer.from_dir(model_path)  # fails fast, before anything slow, on a bad directory
     names = settings.served_model_names or (default_model_name(args),)
-    client = ProcessEngineClient(args, model_path, tokenizer, log_level=log_level)
+    client = ProcessEngineClient(
+        args, model_path, tokenizer, log_level=log_level, load_timeout=settings.engine_load_timeout
+    )
     state = ServerState(settings, client, names, model_path, args.max_num_seqs)
     config = uvicorn.Config(
         build_app(state),

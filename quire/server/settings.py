@@ -41,6 +41,9 @@ class ServerSettings:
     # within engine_restart_window seconds; one more death and the server exits non-zero.
     max_engine_restarts: int = 3
     engine_restart_window: float = 600.0
+    # An engine that has not reported ready this long after its process started is killed and
+    # counts as a failed start (first start: exit 1; a restart: one more death for the budget).
+    engine_load_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,6 +66,7 @@ class ServerSettings:
             ("header_timeout", self.header_timeout),
             ("body_timeout", self.body_timeout),
             ("engine_restart_window", self.engine_restart_window),
+            ("engine_load_timeout", self.engine_load_timeout),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
