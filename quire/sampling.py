@@ -149,7 +149,8 @@ def _check_int(name: str, value: object, lo: int, hi: int, hint: str = "") -> No
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}{suffix}")
     if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}{suffix}")
+        shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {shown}{suffix}")
 
 
 def _normalize_logit_bias(logit_bias: object) -> dict[int, float]:
@@ -163,7 +164,7 @@ def _normalize_logit_bias(logit_bias: object) -> dict[int, float]:
         try:
             token_id = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"logit_bias keys must be token ids (integers), got {key!r}") from None
+            raise ValueError(f"logit_bias keys must be token ids (integers), got {str(key)[:40]!r}") from None
         if isinstance(value, bool) or not isinstance(value, Real):
             raise ValueError(f"logit_bias values must be numbers, got {value!r}")
         result[token_id] = float(value)

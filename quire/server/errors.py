@@ -189,6 +189,8 @@ class APIError(Exception):
         return cls(429, message, headers=headers)
 
     @classmethod
-    def overloaded(cls, message: str, retry_after_s: float | None = None) -> APIError:
+    def overloaded(
+        cls, message: str, retry_after_s: float | None = None, code: str | None = None
+    ) -> APIError:
         headers = {} if retry_after_s is None else {"Retry-After": retry_after_header(retry_after_s)}
-        return cls(503, message, headers=headers)
+        return cls(503, message, code=code, headers=headers)

@@ -103,17 +103,6 @@ class _SamplingFields(_Body):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; raises ``ValueError`` (a 400) for out-of-range values."""
-        bias: dict[int, float] = {}
-        for key, value in (self.logit_bias or {}).items():
-            try:
-                token_id = int(key)
-            except ValueError:
-                token_id = -1
-            if not 0 <= token_id <= INT32_MAX:
-                raise ValueError(
-                    f"logit_bias keys must be token ids (non-negative integers as strings), got {key[:40]!r}"
-                )
-            bias[token_id] = value
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -123,7 +112,7 @@ class _SamplingFields(_Body):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=bias,
+            logit_bias=self.logit_bias,  # str keys: SamplingParams parses and bounds them
             seed=self.seed,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,

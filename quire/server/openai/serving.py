@@ -22,7 +22,7 @@ from quire.frontend.async_client import EngineDeadError, RequestStream
 from quire.frontend.input_processor import ProcessedPrompt
 from quire.sampling import RequestMetrics, RequestOutput, SamplingParams
 from quire.server.auth import Tenant
-from quire.server.errors import APIError, retry_after_header
+from quire.server.errors import APIError
 from quire.server.state import RETRY_AFTER_S, RequestContext, ServerState
 
 T = TypeVar("T")
@@ -149,10 +149,12 @@ class Generation:
         job.metrics = output.metrics
         job.cached_tokens = output.num_cached_tokens
         count = 0
+        failed = False
         for seq in output.outputs:
             count += len(seq.token_ids)
             if seq.finish_reason is not None:
                 job.finish_reasons[seq.index] = seq.finish_reason
+                failed = failed or seq.finish_reason == "error"
         job.generated += count
         if self._gaps and count:
             now = time.monotonic()
@@ -161,7 +163,7 @@ class Generation:
             elif count > 1:  # the first token has no gap; the ones merged with it share this delta
                 self.state.metrics.observe_token_gap(0.0, count - 1)
             job.last_token_at = now
-        if "error" in job.finish_reasons.values():
+        if failed:
             # The engine failed this request (and only it): nothing more will come for its other
             # sequences that the client could use, so the whole HTTP request fails, and siblings
             # still running are aborted (idempotent) rather than left to run to their limit.
@@ -260,9 +262,7 @@ def timeout_error(exc: RequestTimeout) -> APIError:
 
 
 def shutdown_error(exc: ServerShutdown) -> APIError:
-    return APIError(
-        503, str(exc), code="server_shutdown", headers={"Retry-After": retry_after_header(RETRY_AFTER_S)}
-    )
+    return APIError.overloaded(str(exc), retry_after_s=RETRY_AFTER_S, code="server_shutdown")
 
 
 def engine_request_error() -> APIError:
