@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from quire.cache_dir import quire_cache_dir
 from quire.kernels.isa import TIERS, IsaTier, chosen_tier, cpu_flags, highest_tier
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,7 @@ def kernel_cache_root() -> Path:
     override = os.environ.get(CACHE_ENV)
     if override:
         return Path(override).expanduser()
-    base = os.environ.get("QUIRE_CACHE_DIR") or Path.home() / ".cache" / "quire"
-    return Path(base) / "kernels"
+    return quire_cache_dir() / "kernels"
 
 
 def kernel_build_dir(key: KernelBuildKey, root: Path | None = None) -> Path:

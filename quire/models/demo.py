@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from quire import __version__
+from quire.cache_dir import quire_cache_dir
 
 BOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -372,7 +372,7 @@ def default_demo_checkpoint() -> Path:
     The cache root is ``$QUIRE_CACHE_DIR`` or ``~/.cache/quire``. The build goes to a temporary
     directory that is renamed into place, so concurrent first runs never see a half-written model.
     """
-    root = Path(os.environ.get("QUIRE_CACHE_DIR") or Path.home() / ".cache" / "quire")
+    root = quire_cache_dir()
     final = root / f"demo-{__version__}-r{DEMO_REVISION}"
     if (final / "config.json").is_file():
         return final
