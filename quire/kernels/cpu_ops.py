@@ -1,4 +1,4 @@
-"""The C++ CPU kernels in ``csrc/`` (``cpu_ops.cpp``, ``packed_gemm.cpp``), compiled on first use.
+"""The C++ CPU kernels in ``csrc/`` (``cpu_ops.cpp`` and the GEMMs it binds), compiled on first use.
 
 The build lives in quire's own cache, one directory per build key:
 ``$QUIRE_KERNEL_CACHE`` (default ``$QUIRE_CACHE_DIR/kernels`` or ``~/.cache/quire/kernels``) /
@@ -42,8 +42,11 @@ CACHE_ENV = "QUIRE_KERNEL_CACHE"
 MODULE_NAME = "quire_cpu_ops"  # the compiled module is MODULE_NAME_<tier>
 BUILD_NOTICE = "quire: building CPU kernels (about a minute, once per machine and install)"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("cpu_ops.cpp", "packed_gemm.cpp")]
-_HEADERS = [_CSRC / "packed_gemm.h"]
+_SOURCES = [_CSRC / name for name in ("cpu_ops.cpp", "packed_gemm.cpp", "quant_gemm.cpp", "quant_panel.cpp")]
+_HEADERS = [
+    _CSRC / name
+    for name in ("packed_gemm.h", "quant_gemm.h", "quant_blocks.h", "quant_panel.h", "quant_simd.h")
+]
 # The instruction set comes from the tier's flags (AVX2/FMA paths from the avx2 tier up, portable
 # loops below it). -fopenmp makes at::parallel_for use torch's own OpenMP thread pool (the same
 # libgomp that torch loaded) instead of running serially.

@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include "packed_gemm.h"
+#include "quant_gemm.h"
 
 #include <ATen/Parallel.h>
 
@@ -713,4 +714,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seq_lens"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"));
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "Causal attention of prefill chunks over a paged KV cache, into out (fp32, CPU)");
+  m.def("quant_dequantize", &quant_dequantize, "a GGUF block-format [out, row_bytes] weight as fp32 [out, in]",
+        py::arg("raw"), py::arg("quant_type"), py::arg("in_features"));
+  m.def("quant_linear", &quant_linear, "x W^T (+ b) for a weight kept in a GGUF block format (fp32 x, CPU)",
+        py::arg("x"), py::arg("raw"), py::arg("quant_type"), py::arg("in_features"), py::arg("bias") = py::none());
 }

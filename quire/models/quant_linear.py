@@ -1,0 +1,284 @@
+"""Linear weights kept in GGUF block formats, multiplied without unpacking them in memory.
+
+A :class:`QuantizedLinearWeight` holds a ``[out_features, in_features]`` weight as GGUF stores
+it: each output row is a run of fixed-size blocks, each block a few f16 scales and packed
+integers (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K). Only those bytes stay resident (about 1/4 to 1/6
+of fp32); the compiled kernels (``quire/kernels/csrc/quant_gemm.cpp``) decode blocks inside the
+matrix multiply. Activations stay fp32: the weight is the only thing quantized.
+
+Dequantizing here is bit-identical to ``gguf.quants.dequantize`` (gguf-py computes in fp32 with
+the f16 scales widened, one rounding per operation, no fused multiply-add), so a quantized model
+can be checked against its fp32 dequantized twin. Without the compiled kernels every product
+dequantizes the weight and calls ``F.linear`` (slow, but the same numbers up to summation order).
+
+``quantize_weight`` turns an fp32 weight into Q8_0 (``int8``) or Q4_1 (``int4``) at load time,
+bit-identical to ``gguf.quants.quantize``. Q4_1 over Q4_0 for int4: one more f16 per 32 weights
+(5.0 instead of 4.5 bits) buys an offset, so rows not centred on zero lose less (~20% lower mean
+error in tests/test_quant_kernels.py), and the demo GGUF model uses it, so its kernel is tuned.
+
+Speed today (``benchmarks/quant_gemm.py``: smollm2-135m shapes, weights streamed from memory, 2
+AVX2 cores of an AMD EPYC Zen 1, against the bf16 panel GEMM of ``cpu_linear.py``): at 1 row
+Q4_1 0.76-0.98x, Q8_0 0.7-1.05x, Q4_K ~0.95x, Q6_K ~0.55x; at 32 rows 0.85-0.95x (K-quants
+~0.8x). Widening the integer quants to fp32 bounds the kernels on this CPU, so the gain is
+memory (Q4_1 keeps 5/16 of bf16's bytes), not yet time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quire.kernels.cpu_ops import cpu_ops
+
+_QK_K = 256  # elements per K-quant super-block
+
+Dequantizer = Callable[[torch.Tensor], torch.Tensor]  # uint8 [blocks, block_bytes] -> fp32 [blocks, elems]
+Quantizer = Callable[[torch.Tensor], torch.Tensor]  # fp32 [blocks, elems] -> uint8 [blocks, block_bytes]
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One GGUF block format: how many weights a block holds, in how many bytes, and how to decode it."""
+
+    name: str
+    ggml_type: int  # the GGML type id (gguf.GGMLQuantizationType), also the compiled kernels' type id
+    block_elems: int
+    block_bytes: int
+    dequantize_blocks: Dequantizer
+    quantize_blocks: Quantizer | None = None  # None where quire cannot produce the format
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("QuantFormat.name must be non-empty")
+        if self.ggml_type < 0:
+            raise ValueError(f"QuantFormat {self.name}: ggml_type must be >= 0, got {self.ggml_type}")
+        if self.block_elems <= 0 or self.block_elems % 16:
+            raise ValueError(f"QuantFormat {self.name}: block_elems must be a positive multiple of 16")
+        if not 0 < self.block_bytes < 4 * self.block_elems:
+            raise ValueError(f"QuantFormat {self.name}: block_bytes must be in (0, 4 * block_elems)")
+
+    def row_bytes(self, in_features: int) -> int:
+        return in_features // self.block_elems * self.block_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_elems
+
+
+# --- decoding, operation by operation as gguf-py does it ------------------------------------------
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The f16 at byte ``start`` of every block, widened to fp32: [blocks, 1]."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """Split [blocks, n] bytes in runs of ``group``: each run's low nibbles, then its high nibbles."""
+    runs = packed.reshape(packed.shape[0], -1, 1, group)
+    return torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(blocks, 0)
+
+
+def _dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(blocks[:, 2:], 16).to(torch.int8) - 8
+    return _f16(blocks, 0) * q.to(torch.float32)
+
+
+def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(blocks[:, 4:], 16).to(torch.float32)
+    return _f16(blocks, 0) * q + _f16(blocks, 2)  # two roundings, as gguf-py (not a fused multiply-add)
+
+
+def _k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: the 8 6-bit scales and 8 6-bit mins packed in 12 bytes (low 6 bits of bytes 0-3
+    and 4-7 hold sub-blocks 0-3; bytes 8-11 hold the low 4 bits of sub-blocks 4-7, whose top 2
+    bits sit in the spare top bits of bytes 0-7)."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc.to(torch.float32), mn.to(torch.float32)
+
+
+def _k_affine(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    sc, mn = _k_scales_mins(blocks[:, 4:16])
+    scale = (_f16(blocks, 0) * sc).unsqueeze(-1)  # [blocks, 8, 1]
+    offset = (_f16(blocks, 2) * mn).unsqueeze(-1)
+    return (scale * q.reshape(-1, 8, 32).to(torch.float32) - offset).reshape(-1, _QK_K)
+
+
+def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    return _k_affine(blocks, _nibbles(blocks[:, 16:144], 32))
+
+
+def _dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    low = _nibbles(blocks[:, 48:176], 32).reshape(-1, 8, 32)
+    shifts = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+    high = (blocks[:, 16:48].reshape(-1, 1, 32) >> shifts) & 1  # bit j of byte l: sub-block j, element l
+    return _k_affine(blocks, low | (high << 4))
+
+
+def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    low = _nibbles(blocks[:, :128], 64).reshape(-1, 8, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    high = ((blocks[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 8, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(-1, 16, 16).to(torch.float32)
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    return ((_f16(blocks, 208) * scales).unsqueeze(-1) * q).reshape(-1, _QK_K)
+
+
+# --- encoding (Q8_0 and Q4_1), operation by operation as gguf-py does it ---------------------------
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    floored = a.floor()
+    return x.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def _reciprocal_or_zero(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _quantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    qs = _round_half_away(blocks * _reciprocal_or_zero(d))
+    return torch.cat([d.to(torch.float16).view(torch.uint8), qs.to(torch.int8).view(torch.uint8)], dim=1)
+
+
+def _quantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    high = blocks.amax(dim=1, keepdim=True)
+    low = blocks.amin(dim=1, keepdim=True)
+    d = (high - low) / 15
+    q = ((blocks - low) * _reciprocal_or_zero(d) + 0.5).trunc().to(torch.uint8).clamp(0, 15)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat(
+        [d.to(torch.float16).view(torch.uint8), low.to(torch.float16).view(torch.uint8), packed], dim=1
+    )
+
+
+QUANT_TYPES: dict[str, QuantFormat] = {
+    fmt.name: fmt
+    for fmt in (
+        QuantFormat("Q4_0", 2, 32, 18, _dequantize_q4_0),
+        QuantFormat("Q4_1", 3, 32, 20, _dequantize_q4_1, _quantize_q4_1),
+        QuantFormat("Q8_0", 8, 32, 34, _dequantize_q8_0, _quantize_q8_0),
+        QuantFormat("Q4_K", 12, _QK_K, 144, _dequantize_q4_k),
+        QuantFormat("Q5_K", 13, _QK_K, 176, _dequantize_q5_k),
+        QuantFormat("Q6_K", 14, _QK_K, 210, _dequantize_q6_k),
+    )
+}
+
+# --quantization method -> the block format it produces.
+QUANTIZATION_METHODS: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_1"}
+
+
+def quant_format(quant_type: str) -> QuantFormat:
+    """The registered format called ``quant_type``; ``ValueError`` listing the known ones otherwise."""
+    fmt = QUANT_TYPES.get(quant_type)
+    if fmt is None:
+        raise ValueError(f"quant_type {quant_type!r} is not supported; supported: {', '.join(QUANT_TYPES)}")
+    return fmt
+
+
+class QuantizedLinearWeight:
+    """A ``[out_features, in_features]`` weight kept in a GGUF block format; call it like ``F.linear``.
+
+    ``raw`` is ``torch.uint8 [out_features, row_bytes]`` in GGUF's own byte layout (one output
+    row's blocks contiguous), e.g. ``torch.from_numpy(reader_tensor.data)``. It is copied, so a
+    memory-mapped file can be closed afterwards; only the copy (``nbytes``) stays resident.
+    """
+
+    def __init__(self, raw: torch.Tensor, quant_type: str, in_features: int) -> None:
+        fmt = quant_format(quant_type)
+        if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+            got = raw.dtype if isinstance(raw, torch.Tensor) else type(raw).__name__
+            raise ValueError(f"raw must be a torch.uint8 tensor of GGUF block bytes, got {got}")
+        if raw.dim() != 2:
+            raise ValueError(f"raw must be 2-D [out_features, row_bytes], got shape {tuple(raw.shape)}")
+        if raw.device.type != "cpu":
+            raise ValueError(f"raw must be on the CPU, got device {raw.device}")
+        if in_features <= 0 or in_features % fmt.block_elems:
+            raise ValueError(
+                f"in_features ({in_features}) must be a positive multiple of {quant_type}'s "
+                f"block size {fmt.block_elems}"
+            )
+        if raw.shape[1] != fmt.row_bytes(in_features):
+            raise ValueError(
+                f"raw has {raw.shape[1]} bytes per row, but {in_features} {quant_type} weights take "
+                f"{fmt.row_bytes(in_features)} (in_features / {fmt.block_elems} * {fmt.block_bytes})"
+            )
+        self.format = fmt
+        self.quant_type = quant_type
+        self.out_features = raw.shape[0]
+        self.in_features = in_features
+        self.raw = raw.contiguous().clone()  # our own copy, never a view of a caller's mmap
+        ops = cpu_ops()
+        # A kernel build from before the quantized ops existed keeps the torch path.
+        self._ops = ops if ops is not None and hasattr(ops, "quant_linear") else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes resident for this weight."""
+        return self.raw.numel()
+
+    def __repr__(self) -> str:
+        return f"QuantizedLinearWeight({self.quant_type}, out={self.out_features}, in={self.in_features})"
+
+    def _dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._ops is not None:
+            return self._ops.quant_dequantize(rows, self.format.ggml_type, self.in_features)
+        blocks = rows.reshape(-1, self.format.block_bytes)
+        return self.format.dequantize_blocks(blocks).reshape(rows.shape[0], self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as fp32 ``[out_features, in_features]``, bit-identical to gguf.quants.dequantize."""
+        return self._dequantize_rows(self.raw)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` dequantized (a token embedding lookup): fp32 ``[*ids.shape, in_features]``."""
+        flat = ids.reshape(-1).to(torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
+            raise ValueError(f"ids must be in [0, {self.out_features}), got {flat.min()}..{flat.max()}")
+        return self._dequantize_rows(self.raw.index_select(0, flat)).reshape(*ids.shape, self.in_features)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be float32 [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
+        if self._ops is None or x.device.type != "cpu":
+            return F.linear(x, self.dequantize().to(x.device), bias)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        bias = None if bias is None else bias.contiguous()
+        y = self._ops.quant_linear(rows, self.raw, self.format.ggml_type, self.in_features, bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_weight(weight: torch.Tensor, method: str) -> QuantizedLinearWeight:
+    """An fp32 ``[out, in]`` weight quantized at load time: ``int8`` -> Q8_0, ``int4`` -> Q4_1
+    (blocks of 32 along ``in``), bit-identical to ``gguf.quants.quantize``."""
+    quant_type = QUANTIZATION_METHODS.get(method)
+    if quant_type is None:
+        raise ValueError(
+            f"quantization method {method!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}"
+        )
+    fmt = QUANT_TYPES[quant_type]
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"weight must be a 2-D floating-point tensor, got {weight.dtype} {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    if in_features % fmt.block_elems:
+        raise ValueError(
+            f"weight in_features ({in_features}) must be a multiple of {fmt.block_elems} for {method} ({quant_type})"
+        )
+    assert fmt.quantize_blocks is not None  # every QUANTIZATION_METHODS target can be produced
+    blocks = weight.detach().to(device="cpu", dtype=torch.float32).reshape(-1, fmt.block_elems)
+    raw = fmt.quantize_blocks(blocks).reshape(out_features, fmt.row_bytes(in_features))
+    return QuantizedLinearWeight(raw, quant_type, in_features)
