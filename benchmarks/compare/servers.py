@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SERVED_NAME = "bench"
 QUIRE_LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
+# What quire prints once at start-up about its dtype choice and kernel tier (quire/worker/worker.py,
+# quire/kernels/cpu_ops.py); kept in results.json beside the numbers they explain.
+QUIRE_STARTUP_LINES = {
+    "dtype": re.compile(r"^quire: dtype: (.+)$", re.MULTILINE),
+    "cpu_kernels": re.compile(r"^quire: CPU kernels: (.+)$", re.MULTILINE),
+}
 
 
 @dataclass
@@ -61,6 +67,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def quire_startup_facts(log_text: str) -> dict[str, str]:
+    """The dtype choice and kernel tier a quire server printed at start-up (those it printed)."""
+    facts = {}
+    for name, pattern in QUIRE_STARTUP_LINES.items():
+        match = pattern.search(log_text)
+        if match:
+            facts[name] = match.group(1).strip()
+    return facts
+
+
 def _get_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -98,10 +114,12 @@ def wait_ready(server: Server, timeout_s: float, health_path: str = "/health") -
     raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f} s; log {server.log_path}")
 
 
-def start_quire(model: Path, max_num_seqs: int, log_path: Path, timeout_s: float = 600) -> Server:
+def start_quire(
+    model: Path, max_num_seqs: int, log_path: Path, *, dtype: str = "float32", timeout_s: float = 600
+) -> Server:
     command = [
         sys.executable, "-m", "quire.entrypoints.cli", "serve", str(model), "--port", "0",
-        "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-num-seqs", str(max_num_seqs),
+        "--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
     ]  # fmt: skip
     server = _spawn("quire", command, log_path)
     try:
@@ -135,6 +153,7 @@ def start_vllm(
     bind: str,
     log_path: Path,
     *,
+    dtype: str = "float32",
     kvcache_gib: int = 4,
     timeout_s: float = 900,
     extra_args: list[str] | None = None,
@@ -146,7 +165,7 @@ def start_vllm(
     command = [
         str(python), str(HERE / "vllm_launcher.py"), "serve", str(model),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-        "--dtype", "float32", "--max-num-seqs", str(max_num_seqs), *(extra_args or []),
+        "--dtype", dtype, "--max-num-seqs", str(max_num_seqs), *(extra_args or []),
     ]  # fmt: skip
     server = _spawn(f"vllm[bind={bind}]", command, log_path, env=vllm_env(bind, kvcache_gib))
     server.url = f"http://127.0.0.1:{port}"

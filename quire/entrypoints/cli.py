@@ -8,17 +8,23 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from quire.config import EngineArgs
+from quire.config import QUANTIZATION_METHODS, EngineArgs
 
-DEMO_NOTICE = (
-    "note: no model given, so quire is running its built-in demo checkpoint. Its weights are random: "
-    "the text it writes is gibberish by design. Pass a Hugging Face model directory for real output."
-)
+
+def _note_default_model(ns: argparse.Namespace) -> None:
+    """Say which model runs when none is given (the real default, or the random demo)."""
+    if ns.model is None:
+        from quire.models.default_model import default_model
+
+        print(default_model().notice, file=sys.stderr)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", nargs="?", default=None, help="local Hugging Face model directory (default: demo)"
+        "model",
+        nargs="?",
+        default=None,
+        help="local Hugging Face model directory or .gguf file (default: demo)",
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -30,6 +36,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-chunked-prefill", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=list(QUANTIZATION_METHODS),
+        help="keep a Hugging Face checkpoint's decoder linears in int8 (Q8_0) or int4 (Q4_1) blocks; "
+        "not for .gguf files, which are used as stored",
+    )
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -45,6 +58,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=not ns.no_prefix_caching,
         enable_chunked_prefill=not ns.no_chunked_prefill,
         seed=ns.seed,
+        quantization=ns.quantization,
     )
 
 
@@ -53,8 +67,7 @@ def _generate(ns: argparse.Namespace) -> int:
     from quire.frontend.output_processor import OutputKind
     from quire.sampling import SamplingParams
 
-    if ns.model is None:
-        print(DEMO_NOTICE, file=sys.stderr)
+    _note_default_model(ns)
     params = SamplingParams(
         max_tokens=ns.max_tokens,
         temperature=ns.temperature,
@@ -86,8 +99,7 @@ def _serve(ns: argparse.Namespace) -> int:
     from quire.server.serve import serve
     from quire.server.settings import ServerSettings
 
-    if ns.model is None:
-        print(DEMO_NOTICE, file=sys.stderr)
+    _note_default_model(ns)
     api_keys = list(ns.api_key or [])
     settings = ServerSettings(
         host=ns.host,
@@ -310,8 +322,7 @@ def _bench_offline(ns: argparse.Namespace) -> int:
 
     from quire.bench.runner import run_offline
 
-    if ns.model is None:
-        print(DEMO_NOTICE, file=sys.stderr)
+    _note_default_model(ns)
     engine_kwargs = {**asdict(engine_args_from(ns)), "show_progress": not ns.no_progress}
     run = run_offline(
         engine_kwargs, _workload_from(ns), warmup=ns.warmup, label=ns.label, progress=not ns.no_progress

@@ -16,8 +16,9 @@ class LLM:
     """Generate completions for many prompts at once with continuous batching.
 
     ``LLM()`` with no model runs the built-in random-weight demo checkpoint (its text is random).
-    Keyword arguments are those of :class:`quire.config.EngineArgs`, e.g. ``dtype="float32"``,
-    ``kv_cache_memory="2GiB"``, ``max_num_seqs=64``, ``enable_prefix_caching=False``.
+    ``model`` is a Hugging Face directory or a ``.gguf`` file. Keyword arguments are those of
+    :class:`quire.config.EngineArgs`, e.g. ``dtype="float32"``, ``kv_cache_memory="2GiB"``,
+    ``max_num_seqs=64``, ``enable_prefix_caching=False``, ``quantization="int8"``.
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:

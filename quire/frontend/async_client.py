@@ -331,7 +331,7 @@ class InProcessEngineClient(EngineClient):
         self._loop = asyncio.get_running_loop()
         try:
             model_path = await asyncio.to_thread(resolve_model_path, self.args)
-            tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model_path)
+            tokenizer = await asyncio.to_thread(Tokenizer.from_path, model_path)
             core, info = await asyncio.to_thread(build_engine_core, self.args, model_path)
         except Exception as exc:
             self._mark_dead(f"{type(exc).__name__}: {exc}")

@@ -10,12 +10,13 @@ from quire.core.kv_manager import KVCacheManager
 
 
 def resolve_model_path(args: EngineArgs) -> str:
-    """The model directory to load; the built-in demo checkpoint when none is given."""
+    """The model directory or .gguf file to load; the default model (quire.models.default_model)
+    when none is given."""
     if args.model is not None:
         return args.model
-    from quire.models.demo import default_demo_checkpoint
+    from quire.models.default_model import default_model
 
-    return str(default_demo_checkpoint())
+    return str(default_model().path)
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,10 @@ def check_tokenizer_fits_model(model_path: str) -> None:
     found later by the first prompt that happens to produce such an id (which would fail the
     request, or on some devices read outside the embedding table)."""
     from quire.frontend.input_processor import check_vocab_fits
-    from quire.models.hf_config import ModelArchConfig
+    from quire.models.loader import read_arch_config  # a directory or a .gguf file
     from quire.tokenizer import Tokenizer
 
-    check_vocab_fits(Tokenizer.from_dir(model_path), ModelArchConfig.from_dir(model_path).vocab_size)
+    check_vocab_fits(Tokenizer.from_path(model_path), read_arch_config(model_path).vocab_size)
 
 
 def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, EngineInfo]:

@@ -25,7 +25,7 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         model_path = resolve_model_path(args)
-        self.tokenizer = Tokenizer.from_dir(model_path)
+        self.tokenizer = Tokenizer.from_path(model_path)
         self.core, self.info = build_engine_core(args, model_path)
         self.input_processor = InputProcessor(
             self.tokenizer, self.info.vocab_size, self.info.max_model_len, self.info.kv_capacity_tokens

@@ -12,14 +12,16 @@ faster on CPU); ``checkpoint_layout`` tells the loader where each Hugging Face t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from quire.kernels.cpu_ops import cpu_ops
-from quire.models.cpu_linear import CpuLinearWeight, cpu_fast_linear_available, linear
+from quire.models.cpu_linear import CpuLinearWeight, cpu_fast_linear_available
 from quire.models.hf_config import ModelArchConfig, RopeScaling
 from quire.models.loader import WeightSlot
 from quire.models.registry import register_model
@@ -42,9 +44,44 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class LinearMethod(Protocol):
+    """How a loaded weight is multiplied: called like ``F.linear(x, weight, bias)``.
+
+    Implementations: CPU-prepared dense panels (``quire.models.cpu_linear.CpuLinearWeight``),
+    weights kept in GGUF block formats (``quire.models.quant_linear.QuantizedLinearWeight``)."""
+
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class VocabMethod(LinearMethod, Protocol):
+    """A linear method that can also serve token-embedding lookups (rows of the matrix)."""
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def _release(param: nn.Parameter) -> None:
+    # Keep the Parameter object (named_parameters and checkpoint_layout still list it) but free
+    # its storage: the weight method holds the only copy from now on.
+    param.data = param.data.new_empty(0)
+
+
+def _check_method_shape(owner: str, method: LinearMethod, out_features: int, in_features: int) -> None:
+    if (method.out_features, method.in_features) != (out_features, in_features):
+        raise ValueError(
+            f"{owner}: weight method {type(method).__name__} is [{method.out_features}, "
+            f"{method.in_features}], expected [{out_features}, {in_features}]"
+        )
+
+
 class Linear(nn.Module):
     """``y = x W^T (+ b)`` with a checkpoint shard map: ``shards`` names the Hugging Face
-    projections fused into this one, in row order, with their row counts."""
+    projections fused into this one, in row order, with their row counts.
+
+    The product goes through ``method`` once one is set (``set_weight_method``): the dense
+    ``weight`` is then released, and the bias stays a plain parameter."""
 
     def __init__(
         self,
@@ -57,26 +94,56 @@ class Linear(nn.Module):
         super().__init__()
         self.shards = shards
         self.in_features = in_features
-        out_features = sum(shards.values())
-        self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
-        self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
-        self.cpu_weight: CpuLinearWeight | None = None
+        self.out_features = sum(shards.values())
+        self.weight = _empty(self.out_features, in_features, dtype=dtype, device=device)
+        self.bias = _empty(self.out_features, dtype=dtype, device=device) if bias else None
+        self.method: LinearMethod | None = None
+
+    @property
+    def cpu_weight(self) -> CpuLinearWeight | None:
+        """The CPU-prepared dense weight, where that is this layer's method (the compiled
+        whole-layer decode kernel reads its panels)."""
+        return self.method if isinstance(self.method, CpuLinearWeight) else None
+
+    def set_weight_method(self, method: LinearMethod) -> None:
+        """Multiply through ``method`` from now on and release the dense weight's memory."""
+        _check_method_shape(type(self).__name__, method, self.out_features, self.in_features)
+        self.method = method
+        _release(self.weight)
 
     def prepare_for_cpu(self) -> None:
-        """Switch to CPU-prepared weights and release the dense copy's memory."""
-        self.cpu_weight = CpuLinearWeight(self.weight)
-        self.weight.data = self.weight.data.new_empty(0)
+        """Switch to CPU-prepared weights, unless a method (e.g. a quantized one) is already set."""
+        if self.method is None:
+            self.set_weight_method(CpuLinearWeight(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.cpu_weight)
+        if self.method is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.method(x, self.bias)
 
 
 class VocabMatrix(nn.Module):
-    """A ``[vocab, hidden]`` matrix: the token embedding, or an untied output projection."""
+    """A ``[vocab, hidden]`` matrix: the token embedding, or an untied output projection.
+
+    With a method set (a quantized matrix), lookups and products both go through it and the
+    dense ``weight`` is released, so a tied LM head shares the embedding's quantized blocks."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.weight = _empty(vocab_size, hidden_size, dtype=dtype, device=device)
+        self.method: VocabMethod | None = None
+
+    def set_weight_method(self, method: VocabMethod) -> None:
+        _check_method_shape(type(self).__name__, method, self.vocab_size, self.hidden_size)
+        self.method = method
+        _release(self.weight)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows for token ids ``[T] -> [T, hidden]``."""
+        if self.method is None:
+            return F.embedding(ids, self.weight)
+        return self.method.embedding(ids).to(self.weight.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -139,11 +206,26 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelArchConfig, max_positions: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.max_positions = max_positions
+        self._build(self.inv_freq, dtype, device)
+
+    def _build(self, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
         # fp32 position * inv_freq, then cast: the same rounding as the reference per position.
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_cache", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin_cache", freqs.sin().to(device=device, dtype=dtype), persistent=False)
+
+    def divide_frequencies(self, factors: torch.Tensor) -> None:
+        """Divide each pair's frequency by ``factors`` (``[head_dim / 2]``): how GGUF files store
+        Llama 3.1-style scaling (llama.cpp's ``rope_freqs`` tensor) instead of its parameters."""
+        if factors.shape != self.inv_freq.shape or not bool((factors > 0).all()):
+            raise ValueError(
+                f"RoPE frequency factors must be {list(self.inv_freq.shape)} positive numbers, "
+                f"got shape {list(factors.shape)}"
+            )
+        self.inv_freq = self.inv_freq / factors.to(torch.float32)
+        self._build(self.inv_freq, self.cos_cache.dtype, self.cos_cache.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [T, 1, D/2]: broadcast over heads.
@@ -311,15 +393,22 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: VocabMatrix | None = None
         if not config.tie_word_embeddings:
             self.lm_head = VocabMatrix(config.vocab_size, config.hidden_size, dtype, device)
-        self.cpu_lm_head: CpuLinearWeight | None = None
+        # The LM head's product: CPU-prepared panels, or the output matrix's own (quantized) method.
+        self.cpu_lm_head: LinearMethod | None = None
         # Per layer, the arguments of the compiled whole-layer decode kernel; None where it does
         # not apply (see _fused_decode_layers).
         self.fused_decode_layers: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
 
     def prepare_for_inference(self) -> None:
-        """Called once the weights are loaded: on CPU in fp32, every matmul moves to CPU-prepared
-        weights (``quire.models.cpu_linear``). Off with ``QUIRE_CPU_KERNELS=0``."""
-        if not cpu_fast_linear_available(self._output_weight()):
+        """Called once the weights are loaded: on CPU in fp32, every dense matmul moves to
+        CPU-prepared weights (``quire.models.cpu_linear``; off with ``QUIRE_CPU_KERNELS=0``).
+        Linears that already have a method (quantized) keep it; a quantized output matrix is
+        the LM head as it is."""
+        output = self._output_matrix()
+        if output.method is not None:
+            self.cpu_lm_head = output.method
+        # The norm weight is never released, so it tells the compute dtype and device.
+        if not cpu_fast_linear_available(self.model.norm.weight):
             return
         ops = cpu_ops()
         for module in self.modules():
@@ -327,16 +416,26 @@ class LlamaForCausalLM(nn.Module):
                 module.prepare_for_cpu()
             elif isinstance(module, (RMSNorm, MLP, Attention)):
                 module.cpu_ops = ops
-        # The embedding keeps its dense matrix for lookups; the LM head gets prepared copies.
-        self.cpu_lm_head = CpuLinearWeight(self._output_weight())
+        # A dense embedding keeps its matrix for lookups; the LM head gets prepared copies.
+        if self.cpu_lm_head is None:
+            self.cpu_lm_head = CpuLinearWeight(output.weight)
         self.fused_decode_layers = self._fused_decode_layers(ops)
+
+    def quantize_linears(self, quantize: Callable[[torch.Tensor], LinearMethod]) -> None:
+        """Replace every decoder Linear's dense weight by ``quantize(weight)`` (e.g. int8 or int4
+        blocks). The embedding and the LM head stay dense: they are a small share of the weights
+        of all but the tiniest models, and they set the logits' precision directly."""
+        for module in self.model.layers.modules():
+            if isinstance(module, Linear) and module.method is None:
+                module.set_weight_method(quantize(module.weight.data.float()))
 
     def _fused_decode_layers(
         self, ops: ModuleType | None
     ) -> list[tuple[list[torch.Tensor], torch.Tensor | None]] | None:
         """Each layer's weights for ``decode_layer`` (one compiled call per layer on decode-only
         steps), or None unless every layer has the plain shape that kernel implements: panel-GEMM
-        weights, no bias but an optional q|k|v one (Qwen2), no q/k norms, the CPU attention backend."""
+        weights, no bias but an optional q|k|v one (Qwen2), no q/k norms, the CPU attention backend.
+        Any quantized linear (no panels) rules it out for now: the model then runs layer by layer."""
         if ops is None or not hasattr(ops, "decode_layer"):
             return None
         plan = []
@@ -361,8 +460,8 @@ class LlamaForCausalLM(nn.Module):
             plan.append((weights, attn.qkv_proj.bias))
         return plan
 
-    def _output_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def _output_matrix(self) -> VocabMatrix:
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
 
     def forward(
         self,
@@ -374,7 +473,7 @@ class LlamaForCausalLM(nn.Module):
         """Final-normed hidden states ``[T, hidden]`` for every input token."""
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"need one KV cache per layer ({len(self.model.layers)}), got {len(kv_caches)}")
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)
+        x = self.model.embed_tokens.lookup(input_ids)
         cos, sin = self.rotary(positions)
         if self.fused_decode_layers is not None and self._is_fused_decode_step(attn_metadata, kv_caches):
             return self._fused_decode_forward(x, cos, sin, kv_caches, attn_metadata)
@@ -418,9 +517,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[S, hidden] -> [S, vocab]`` float32 logits (call it on the rows you sample from)."""
-        if self.cpu_lm_head is not None:
-            return self.cpu_lm_head(hidden_states)
-        weight = self._output_weight()
+        head = self.cpu_lm_head if self.cpu_lm_head is not None else self._output_matrix().method
+        if head is not None:
+            return head(hidden_states).float()
+        weight = self._output_matrix().weight
         vocab = weight.shape[0]
         if hidden_states.device.type != "cpu" or vocab <= _CPU_VOCAB_SLICE:
             return F.linear(hidden_states, weight).float()

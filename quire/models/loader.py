@@ -1,4 +1,6 @@
-"""Build a model from a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
+"""Build a model from a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``)
+or a single GGUF file (``quire.models.gguf``): two weight formats behind one ``WeightFormat``
+interface, chosen from the path.
 
 Tensors are read memory-mapped, one at a time, and copied straight into the model's parameters
 (converting dtype and device on the way), so peak memory stays near the model's own size. A model
@@ -10,10 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import torch
@@ -21,25 +23,13 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from quire.models.dtype_policy import DTYPES, choose_dtype  # noqa: F401 - DTYPES re-exported
 from quire.models.hf_config import ModelArchConfig
 from quire.models.registry import resolve_model_class
 from quire.worker.attention import AttentionBackend
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-DTYPES: MappingProxyType[str, torch.dtype] = MappingProxyType(
-    {
-        "float32": torch.float32,
-        "float": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "fp16": torch.float16,
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -63,25 +53,90 @@ class LoadableModel(Protocol):
     def ignored_checkpoint_weights(self, name: str) -> bool: ...
 
 
+# Weight-only quantization methods accepted by ``load_model(quantization=...)`` (vLLM's flag name).
+QUANTIZATION_METHODS = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One on-disk weight format: how to recognise a path, read its arch config, fill a model.
+
+    ``fill`` receives the freshly built model and copies (or attaches) every weight; it raises
+    ``ValueError`` naming the tensor and file on any mismatch."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    read_arch_config: Callable[[Path], ModelArchConfig]
+    fill: Callable[[nn.Module, Path, bool], None]
+    # Whether ``quantization=`` applies (a GGUF file is quantized already).
+    accepts_quantization: bool
+
+
+def _safetensors_fill(model: nn.Module, path: Path, progress: bool) -> None:
+    load_weights(model, checkpoint_files(path), progress=progress)
+
+
+def _gguf_matches(path: Path) -> bool:
+    if not path.is_file():  # a directory never imports the GGUF package
+        return False
+    from quire.models.gguf import is_gguf_file
+
+    return is_gguf_file(path)
+
+
+def _gguf_config(path: Path) -> ModelArchConfig:
+    from quire.models.gguf import read_gguf_arch_config
+
+    return read_gguf_arch_config(path)
+
+
+def _gguf_fill(model: nn.Module, path: Path, progress: bool) -> None:
+    from quire.models.gguf import load_gguf_weights
+
+    load_gguf_weights(model, path, progress=progress)
+
+
+# First match wins. The GGUF loader is imported only when a .gguf path is given.
+_WEIGHT_FORMATS: tuple[WeightFormat, ...] = (
+    WeightFormat("gguf", _gguf_matches, _gguf_config, _gguf_fill, accepts_quantization=False),
+    WeightFormat(
+        "safetensors", Path.is_dir, ModelArchConfig.from_dir, _safetensors_fill, accepts_quantization=True
+    ),
+)
+
+
+def weight_format_for(path: str | Path) -> WeightFormat:
+    """The format of the model at ``path``: a ``.gguf`` file or a Hugging Face directory."""
+    path = Path(path)
+    for fmt in _WEIGHT_FORMATS:
+        if fmt.matches(path):
+            return fmt
+    if path.is_file():
+        raise ValueError(
+            f"model path {path} is a file but not a GGUF file (.gguf); pass a .gguf file or a "
+            "Hugging Face checkpoint directory"
+        )
+    raise ValueError(
+        f"model path {path} is not a directory; pass a Hugging Face checkpoint directory or a .gguf file"
+    )
+
+
+def read_arch_config(path: str | Path) -> ModelArchConfig:
+    """The architecture config of the model at ``path`` (directory or ``.gguf`` file)."""
+    path = Path(path)
+    return weight_format_for(path).read_arch_config(path)
+
+
 def resolve_dtype(
     requested: str | torch.dtype, checkpoint_dtype: str | None, device: str | torch.device
 ) -> torch.dtype:
     """The compute dtype for ``requested`` (``"auto"``, ``"float32"``, ``"bfloat16"``, ...).
 
-    ``"auto"`` is float32 on CPU (fp32 GEMMs are the fast path without AVX-512 BF16) and the
-    checkpoint's own dtype elsewhere, float32 when the checkpoint does not say.
+    ``"auto"`` follows quire.models.dtype_policy (fp32 on CPUs unless bf16 hardware, a bf16
+    checkpoint and quire's bf16 kernels for the tier all line up; the checkpoint's dtype elsewhere);
+    :func:`quire.models.dtype_policy.choose_dtype` also returns the reason.
     """
-    if isinstance(requested, torch.dtype):
-        if requested not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {requested}; use float32, bfloat16 or float16")
-        return requested
-    if requested == "auto":
-        if torch.device(device).type == "cpu":
-            return torch.float32
-        return DTYPES.get(checkpoint_dtype or "", torch.float32)
-    if requested not in DTYPES:
-        raise ValueError(f"unknown dtype {requested!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
-    return DTYPES[requested]
+    return choose_dtype(requested, checkpoint_dtype, device).dtype
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -125,18 +180,25 @@ def load_model(
     progress: bool = True,
     max_positions: int | None = None,
     attention_backend: AttentionBackend | None = None,
+    quantization: str | None = None,
+    arch_config: ModelArchConfig | None = None,
 ) -> nn.Module:
-    """Construct the model for the checkpoint at ``path`` and fill it with the checkpoint's weights.
+    """Construct the model for the checkpoint at ``path`` (a Hugging Face directory or a ``.gguf``
+    file) and fill it with the checkpoint's weights.
 
+    ``quantization`` (``"int8"`` or ``"int4"``) keeps every decoder linear of a safetensors
+    checkpoint in that weight-only block format (``quire.models.quant_linear``); the embedding and
+    LM head stay dense. A GGUF file's quantized tensors are kept as they are stored.
     The returned module is in eval mode with ``requires_grad`` off; its ``config`` attribute is
-    the parsed ``ModelArchConfig``. ``progress`` shows a tqdm bar on stderr.
+    the parsed ``ModelArchConfig`` (pass ``arch_config`` when already read, to skip reading it
+    again). ``progress`` shows a tqdm bar on stderr.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"model path {path} is not a directory; pass a Hugging Face checkpoint directory")
-    config = ModelArchConfig.from_dir(path)
+    fmt = weight_format_for(path)
+    if quantization is not None:
+        _check_quantization(quantization, fmt, path)
+    config = arch_config or fmt.read_arch_config(path)
     model_cls = resolve_model_class([config.architecture])
-    files = checkpoint_files(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, config.torch_dtype, device)
     model = model_cls(
@@ -146,10 +208,26 @@ def load_model(
         attention_backend=attention_backend,
         max_positions=max_positions,
     )
-    load_weights(model, files, progress=progress)
+    fmt.fill(model, path, progress)
+    if quantization is not None:
+        from quire.models.quant_linear import quantize_weight
+
+        model.quantize_linears(lambda weight: quantize_weight(weight, quantization))
     if hasattr(model, "prepare_for_inference"):
         model.prepare_for_inference()
     return model.eval()
+
+
+def _check_quantization(quantization: str, fmt: WeightFormat, path: Path) -> None:
+    if quantization not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"unknown quantization {quantization!r}; use one of: {', '.join(QUANTIZATION_METHODS)}"
+        )
+    if not fmt.accepts_quantization:
+        raise ValueError(
+            f"quantization={quantization!r} does not apply to {path}: the {fmt.name} file is already "
+            "quantized (its tensors are used as stored); drop the quantization option"
+        )
 
 
 def load_weights(model: nn.Module, files: list[Path], *, progress: bool = True) -> None:

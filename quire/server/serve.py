@@ -33,7 +33,6 @@ from quire.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "quire-demo"
 # After the drain, connections still open get this long before uvicorn cancels their tasks.
 FINAL_GRACE_S = 1.0
 # After the drain timeout: at most this long for requests failed with a shutdown error to send it.
@@ -108,13 +107,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def default_model_name(args: EngineArgs) -> str:
-    return DEMO_MODEL_NAME if args.model is None else args.model
+    if args.model is not None:
+        return args.model
+    from quire.models.default_model import default_model
+
+    return default_model().served_name
 
 
 def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING") -> int:
     """Run the server until it is stopped; returns the process exit code."""
     model_path = resolve_model_path(args)
-    tokenizer = Tokenizer.from_dir(model_path)  # fails fast, before anything slow, on a bad directory
+    tokenizer = Tokenizer.from_path(model_path)  # fails fast, before anything slow, on a bad directory
     names = settings.served_model_names or (default_model_name(args),)
     client = ProcessEngineClient(
         args, model_path, tokenizer, log_level=log_level, load_timeout=settings.engine_load_timeout

@@ -1,7 +1,8 @@
 """Text in and out of the model: tokenizer loading, chat templates, streaming detokenization, stop strings.
 
-- ``Tokenizer``: a local Hugging Face tokenizer directory (``tokenizer.json`` + configs) behind a
-  small API, with chat templates rendered exactly as ``transformers`` renders them.
+- ``Tokenizer``: a local Hugging Face tokenizer directory (``tokenizer.json`` + configs), or the
+  tokenizer stored in a GGUF file's metadata (``gguf_tokenizer``), behind a small API, with chat
+  templates rendered exactly as ``transformers`` renders them. ``Tokenizer.from_path`` takes either.
 - ``IncrementalDetokenizer``: token ids -> text deltas for one output sequence, never splitting
   a character.
 - ``StopStringMatcher``: finds stop strings in a stream of text deltas, holding back text that

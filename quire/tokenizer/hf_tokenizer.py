@@ -1,4 +1,4 @@
-"""``Tokenizer``: a local Hugging Face tokenizer directory behind the small API the engine needs."""
+"""``Tokenizer``: a Hugging Face tokenizer directory or a GGUF file's tokenizer behind the small API the engine needs."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _STANDARD_SPECIAL_TOKENS = frozenset(
 class Tokenizer:
     """Encodes prompts, decodes outputs and renders chat templates for one model.
 
-    Build it with ``Tokenizer.from_dir(path)``. ``backend`` is a ``tokenizers.Tokenizer``; its
+    Build it with ``Tokenizer.from_path(path)`` (a model directory or a ``.gguf`` file). ``backend`` is a ``tokenizers.Tokenizer``; its
     truncation and padding are switched off, because a ``tokenizer.json`` that carries them would
     otherwise silently cut long prompts.
     """
@@ -35,6 +35,7 @@ class Tokenizer:
         *,
         special_tokens: Mapping[str, str] | None = None,
         add_bos_token: bool | None = None,
+        add_eos_token: bool = False,
         extra_eos_token_ids: Iterable[int] = (),
         chat_templates: Mapping[str, str] | None = None,
         source: str = "<in-memory tokenizer>",
@@ -50,6 +51,7 @@ class Tokenizer:
         self._pad_id = self._named_id("pad_token")
         # HF ignores add_bos_token when bos_token is unset; a config saying both is not an error.
         self._add_bos = bool(add_bos_token) and self._bos_id is not None
+        self._add_eos = add_eos_token and self._eos_id is not None
         empty_encoding = backend.encode("", add_special_tokens=True).ids
         self._post_processor_adds_bos = self._bos_id is not None and empty_encoding[:1] == [self._bos_id]
 
@@ -67,6 +69,34 @@ class Tokenizer:
 
         self._vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         self._chat = ChatTemplates(chat_templates or {}, self._special_tokens, source)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Tokenizer:
+        """Load from a model directory (see ``from_dir``) or a ``.gguf`` file (see ``from_gguf``)."""
+        target = Path(path)
+        if target.is_file() and target.suffix.lower() == ".gguf":
+            return cls.from_gguf(target)
+        if target.is_dir():
+            return cls.from_dir(target)
+        raise ValueError(f"tokenizer path {str(target)!r} is neither a model directory nor a .gguf file")
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """Rebuild the tokenizer stored in a GGUF file's ``tokenizer.*`` metadata: vocabulary, merges
+        or scores, special tokens, BOS/EOS flags and chat templates."""
+        # Deferred: only GGUF checkpoints pay for the import.
+        from quire.tokenizer.gguf_tokenizer import load_gguf_tokenizer
+
+        parts = load_gguf_tokenizer(path)
+        return cls(
+            parts.backend,
+            special_tokens=parts.special_tokens,
+            add_bos_token=parts.add_bos_token,
+            add_eos_token=parts.add_eos_token,
+            extra_eos_token_ids=parts.extra_eos_token_ids,
+            chat_templates=parts.chat_templates,
+            source=parts.source,
+        )
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -114,7 +144,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``. With ``add_special_tokens`` the tokenizer's post-processor runs, and
-        BOS is prepended when ``add_bos_token`` asks for it and the post-processor did not add one.
+        BOS is prepended when ``add_bos_token`` asks for it and the post-processor did not add one,
+        and EOS appended when ``add_eos_token`` asks for it (some GGUF embedding models).
         Never yields two BOS: text that already starts with the BOS token (a rendered chat template
         often does) keeps just that one."""
         if len(text) < GIL_FREE_ENCODE_CHARS:
@@ -129,6 +160,8 @@ class Tokenizer:
                 ids.insert(0, bos)
             elif self._post_processor_adds_bos and ids[:2] == [bos, bos]:
                 del ids[0]
+        if add_special_tokens and self._add_eos:
+            ids.append(self._eos_id)  # type: ignore[arg-type]  # _add_eos implies an eos id
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from quire.config import CacheConfig, ModelConfig
+from quire.models.dtype_policy import choose_dtype
 from quire.models.hf_config import ModelArchConfig
-from quire.models.loader import load_model, resolve_dtype
+from quire.models.loader import load_model, read_arch_config
 from quire.worker.host_memory import retain_freed_memory
 from quire.worker.kv_cache import allocate_kv_caches, num_blocks_for_memory
 from quire.worker.model_runner import ModelRunner
@@ -39,8 +41,12 @@ def resolve_device(requested: str) -> torch.device:
 
 def build_worker(model_config: ModelConfig, cache_config: CacheConfig, show_progress: bool = True) -> Worker:
     device = resolve_device(model_config.device)
-    arch = ModelArchConfig.from_dir(model_config.model)
-    dtype = resolve_dtype(model_config.dtype, arch.torch_dtype, device)
+    arch = read_arch_config(model_config.model)  # a Hugging Face directory or a .gguf file
+    dtype_choice = choose_dtype(model_config.dtype, arch.torch_dtype, device)
+    dtype = dtype_choice.dtype
+    # Once per start-up: what --dtype auto chose on this machine and why (issue 12).
+    logger.info("dtype: %s", dtype_choice)
+    print(f"quire: dtype: {dtype_choice}", file=sys.stderr, flush=True)
     # max_context_len is min(max_position_embeddings, sliding_window): sliding-window attention
     # is not implemented, so contexts are kept inside the window where full attention is exact.
     max_model_len = model_config.max_model_len or arch.max_context_len
@@ -52,7 +58,15 @@ def build_worker(model_config: ModelConfig, cache_config: CacheConfig, show_prog
     if device.type == "cpu":
         retain_freed_memory()  # activations live in host memory: reuse them across steps
     torch.manual_seed(model_config.seed)
-    model = load_model(model_config.model, dtype, device, progress=show_progress, max_positions=max_model_len)
+    model = load_model(
+        model_config.model,
+        dtype,
+        device,
+        progress=show_progress,
+        max_positions=max_model_len,
+        quantization=model_config.quantization,
+        arch_config=arch,
+    )
 
     block_size = cache_config.block_size
     num_blocks = cache_config.num_blocks or num_blocks_for_memory(
