@@ -1,6 +1,7 @@
 """Quantized-weight linear layers against the bf16 panel GEMM, on smollm2-135m's shapes.
 
     .venv/bin/python benchmarks/quant_gemm.py [--rows 1 32] [--types Q8_0 Q4_1 Q4_K] [--reps 7] [--threads N]
+                                              [--gguf-layout]
 
 For each shape and row count, times ``quant_linear`` (weights in a GGUF block format) and
 ``packed_linear`` with bf16 panels over enough copies of the weight that they do not fit in the
@@ -22,7 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quire.kernels.cpu_ops import cpu_ops  # noqa: E402
-from quire.models.quant_linear import QUANT_TYPES  # noqa: E402
+from quire.models.quant_linear import (  # noqa: E402
+    INTERLEAVED_FLAG,
+    QUANT_TYPES,
+    QuantizedLinearWeight,
+)
 
 # smollm2-135m's linear layers, [out_features, in_features].
 SHAPES = {
@@ -68,6 +73,11 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--gguf-layout",
+        action="store_true",
+        help="also time Q8_0/Q4_0/Q4_1 in GGUF's row layout (columns marked /gguf) besides the interleaved one",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -78,7 +88,14 @@ def main() -> None:
     print(
         f"threads={torch.get_num_threads()}  ratio = bf16-panel time / quantized time (median of {args.reps})"
     )
-    print(f"{'shape':>8} {'rows':>4} {'bf16 us':>9} " + " ".join(f"{t:>14}" for t in args.types))
+    # (column label, quant type, layout flag): what QuantizedLinearWeight keeps, and optionally GGUF's rows.
+    columns = []
+    for t in args.types:
+        interleaved = QUANT_TYPES[t].interleave_head > 0
+        columns.append((t, t, interleaved))
+        if interleaved and args.gguf_layout:
+            columns.append((f"{t}/gguf", t, False))
+    print(f"{'shape':>8} {'rows':>4} {'bf16 us':>9} " + " ".join(f"{c[0]:>14}" for c in columns))
     for name in args.shapes:
         out_features, in_features = SHAPES[name]
         n_copies = max(2, STREAM_BYTES // (out_features * in_features * 2))
@@ -89,6 +106,11 @@ def main() -> None:
             for t in args.types
             if in_features % QUANT_TYPES[t].block_elems == 0
         }
+        # The layout QuantizedLinearWeight keeps (interleaved for Q8_0 / Q4_0 / Q4_1).
+        packed = {
+            t: [QuantizedLinearWeight(raw, t, in_features).packed for raw in copies]
+            for t, copies in raws.items()
+        }
 
         def bf16(x: torch.Tensor, p: torch.Tensor, n: int = out_features) -> torch.Tensor:
             return ops.packed_linear(x, p, n, None)
@@ -97,11 +119,12 @@ def main() -> None:
             x = torch.randn(rows, in_features, generator=gen)
             cells = []
             base_times = []
-            for quant_type in args.types:
+            for _, quant_type, interleaved in columns:
                 if quant_type not in raws:  # K-quants need in_features to be a multiple of 256
                     cells.append(f"{'n/a':>14}")
                     continue
-                type_id = QUANT_TYPES[quant_type].ggml_type
+                type_id = QUANT_TYPES[quant_type].ggml_type + (INTERLEAVED_FLAG if interleaved else 0)
+                weights = packed[quant_type] if interleaved else raws[quant_type]
 
                 def quant(
                     x: torch.Tensor, raw: torch.Tensor, t: int = type_id, k: int = in_features
@@ -109,11 +132,11 @@ def main() -> None:
                     return ops.quant_linear(x, raw, t, k, None)
 
                 seconds_per_call(bf16, panels, x)  # warm up both
-                seconds_per_call(quant, raws[quant_type], x)
+                seconds_per_call(quant, weights, x)
                 ratios = []
                 for _ in range(args.reps):
                     base = seconds_per_call(bf16, panels, x)
-                    ratios.append(base / seconds_per_call(quant, raws[quant_type], x))
+                    ratios.append(base / seconds_per_call(quant, weights, x))
                     base_times.append(base)
                 cells.append(f"{statistics.median(ratios):>13.2f}x")
             print(

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 import quire.models.quant_linear as quant_linear
 from quire.kernels import cpu_ops as kernels
 from quire.kernels.isa import chosen_tier, supported_tiers
-from quire.models.quant_linear import QUANT_TYPES, QuantFormat, QuantizedLinearWeight, quantize_weight
+from quire.models.quant_linear import (
+    QUANT_TYPES,
+    QuantFormat,
+    QuantizedLinearWeight,
+    deinterleave_groups,
+    interleave_rows,
+    quantize_weight,
+)
 
 # Byte offsets of each format's f16 scales: random bytes there would make inf/NaN or huge scales.
 _F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -152,6 +159,100 @@ def test_compiled_product_edge_shapes(ops) -> None:
     assert ops.quant_linear(torch.empty(0, 64), raw, 3, 64).shape == (0, 5)
 
 
+_INTERLEAVED = tuple(name for name, fmt in QUANT_TYPES.items() if fmt.interleave_head)
+
+
+def test_interleaved_formats() -> None:
+    # The compiled kernels' interleave_head_bytes (quant_blocks.h) must agree.
+    assert {name: QUANT_TYPES[name].interleave_head for name in _INTERLEAVED} == {
+        "Q4_0": 2,
+        "Q4_1": 4,
+        "Q8_0": 2,
+    }
+
+
+@pytest.mark.parametrize("quant_type", _INTERLEAVED)
+def test_interleaved_layout_is_a_padded_permutation(quant_type: str) -> None:
+    fmt = QUANT_TYPES[quant_type]
+    raw = torch.from_numpy(random_raw(quant_type, 13, 96, seed=3))
+    packed = interleave_rows(raw, fmt)
+    assert packed.shape == (16, raw.shape[1])  # padded to whole groups of 8 rows
+    assert torch.equal(packed.sum(dtype=torch.int64), raw.sum(dtype=torch.int64))  # padding is zeros
+    assert torch.equal(deinterleave_groups(packed, fmt)[:13], raw)
+    assert not deinterleave_groups(packed, fmt)[13:].any()
+    # Group 0, block 1: row r's first f16 field at 2r; quant byte j of row r at 8 * head + 8j + r.
+    chunk = packed.reshape(2, -1)[0, 8 * fmt.block_bytes : 16 * fmt.block_bytes]
+    block = raw[:8, fmt.block_bytes : 2 * fmt.block_bytes]
+    assert torch.equal(chunk[:16].view(8, 2), block[:, :2])
+    assert torch.equal(chunk[8 * fmt.interleave_head :].view(-1, 8), block[:, fmt.interleave_head :].T)
+
+
+def _check_interleaved_product(ops, quant_type: str, rows: int, out_features: int, in_features: int) -> None:
+    fmt = QUANT_TYPES[quant_type]
+    raw = torch.from_numpy(random_raw(quant_type, out_features, in_features, seed=rows + out_features))
+    packed = interleave_rows(raw, fmt)
+    weight = gguf_dequantize(raw.numpy(), quant_type).double()
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen)
+    bias = torch.randn(packed.shape[0], generator=gen)
+    got = ops.quant_linear(x, packed, fmt.ggml_type + quant_linear.INTERLEAVED_FLAG, in_features, bias)
+    assert got.shape == (rows, packed.shape[0])
+    want = F.linear(x.double(), weight, bias[:out_features].double())
+    scale = (x.double().abs() @ weight.abs().T).max().item()
+    torch.testing.assert_close(got[:, :out_features].double(), want, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(
+        got[:, out_features:], bias[out_features:].expand(rows, -1)
+    )  # zero padding rows
+
+
+@pytest.mark.parametrize("quant_type", _INTERLEAVED)
+def test_compiled_interleaved_product_matches_the_dequantized_weight(ops, quant_type: str) -> None:
+    """1-4 rows (the interleaved direct kernel), more (panels filled from the interleaved layout),
+    out_features a multiple of 8 but not of the 16-column panel, and with padding."""
+    for out_features, in_features in ((8, 32), (13, 96), (24, 576), (70, 160)):
+        for rows in (1, 2, 3, 4, 5, 7, 32):
+            _check_interleaved_product(ops, quant_type, rows, out_features, in_features)
+
+
+@pytest.mark.parametrize("quant_type", _INTERLEAVED)
+def test_compiled_interleaved_product_decodes_exactly(ops, quant_type: str) -> None:
+    fmt = QUANT_TYPES[quant_type]
+    raw = random_raw(quant_type, 21, 256, seed=10)
+    packed = interleave_rows(torch.from_numpy(raw), fmt)
+    weight = gguf_dequantize(raw, quant_type)
+    for picks in ([255], [0, 17], [33, 130, 200], [1, 16, 31, 254], [0, 17, 33, 130, 200, 254]):
+        x = torch.zeros(len(picks), 256)
+        x[torch.arange(len(picks)), torch.tensor(picks)] = 1.0
+        got = ops.quant_linear(x, packed, fmt.ggml_type + quant_linear.INTERLEAVED_FLAG, 256)
+        assert torch.equal(got[:, :21], weight[:, picks].T.contiguous())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("quant_type", _INTERLEAVED)
+def test_interleaved_weight_object(quant_type: str, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not compiled:
+        monkeypatch.setattr(quant_linear, "cpu_ops", lambda: None)
+    elif kernels.cpu_ops() is None:
+        pytest.skip("no compiled CPU kernels here")
+    raw = torch.from_numpy(random_raw(quant_type, 13, 128, seed=11))
+    weight = QuantizedLinearWeight(raw, quant_type, 128)
+    assert weight.interleaved and (weight._ops is not None) == compiled
+    assert weight.nbytes == 16 * raw.shape[1]  # 13 rows padded to 16
+    assert torch.equal(weight.gguf_rows(), raw)
+    dense = weight.dequantize()
+    assert_bits_equal(dense, gguf_dequantize(raw.numpy(), quant_type))
+    ids = torch.tensor([[12, 0, 7], [8, 12, 5]])
+    assert_bits_equal(weight.embedding(ids), dense[ids])
+    gen = torch.Generator().manual_seed(12)
+    bias = torch.randn(13, generator=gen)
+    for rows in (1, 2, 3, 4, 9):
+        x = torch.randn(rows, 128, generator=gen)
+        got = weight(x, bias)
+        assert got.shape == (rows, 13) and got.is_contiguous()
+        want = F.linear(x.double(), dense.double(), bias.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_ops_reject_what_they_cannot_compute(ops) -> None:
     raw = torch.from_numpy(random_raw("Q4_1", 8, 64))
     with pytest.raises(RuntimeError, match="unknown quant_type"):
@@ -162,6 +263,10 @@ def test_compiled_ops_reject_what_they_cannot_compute(ops) -> None:
         ops.quant_linear(torch.ones(2, 32), raw, 3, 64)
     with pytest.raises(RuntimeError, match="bias"):
         ops.quant_linear(torch.ones(2, 64), raw, 3, 64, torch.ones(7))
+    with pytest.raises(RuntimeError, match="multiple of 8 rows"):
+        ops.quant_linear(torch.ones(2, 64), raw[:5], 3 + quant_linear.INTERLEAVED_FLAG, 64)
+    with pytest.raises(RuntimeError, match="no interleaved layout"):
+        ops.quant_linear(torch.ones(2, 256), torch.zeros(8, 144, dtype=torch.uint8), 12 + 256, 256)
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
@@ -196,7 +301,7 @@ def test_quantize_weight_is_bit_identical_to_gguf(method: str, quant_type: str) 
     quantized = quantize_weight(weight, method)
     assert quantized.quant_type == quant_type and quantized.in_features == 192
     want = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType[quant_type])
-    assert np.array_equal(quantized.raw.numpy(), want)
+    assert np.array_equal(quantized.gguf_rows().numpy(), want)
     assert quantized.nbytes == want.nbytes
 
 

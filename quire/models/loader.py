@@ -10,6 +10,7 @@ checkpoint against it and fails with a message that names the tensor and the fil
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -94,6 +95,10 @@ def _gguf_fill(model: nn.Module, path: Path, progress: bool) -> None:
     from quire.models.gguf import load_gguf_weights
 
     load_gguf_weights(model, path, progress=progress)
+    # The reader's records of the file refer to each other, so its memory map would stay (~the
+    # file's size of resident memory, measured in the engine process) until the next full
+    # collection; every weight kept is a copy, so release the map now.
+    gc.collect()
 
 
 # First match wins. The GGUF loader is imported only when a .gguf path is given.

@@ -16,11 +16,15 @@ bit-identical to ``gguf.quants.quantize``. Q4_1 over Q4_0 for int4: one more f16
 (5.0 instead of 4.5 bits) buys an offset, so rows not centred on zero lose less (~20% lower mean
 error in tests/test_quant_kernels.py), and the demo GGUF model uses it, so its kernel is tuned.
 
+Q8_0 / Q4_0 / Q4_1 are kept with 8 output rows interleaved (``interleave_rows``: a permutation
+of the file's bytes, see below), which the decode kernel reads 8 columns at a time.
+
 Speed today (``benchmarks/quant_gemm.py``: smollm2-135m shapes, weights streamed from memory, 2
-AVX2 cores of an AMD EPYC Zen 1, against the bf16 panel GEMM of ``cpu_linear.py``): at 1 row
-Q4_1 0.76-0.98x, Q8_0 0.7-1.05x, Q4_K ~0.95x, Q6_K ~0.55x; at 32 rows 0.85-0.95x (K-quants
-~0.8x). Widening the integer quants to fp32 bounds the kernels on this CPU, so the gain is
-memory (Q4_1 keeps 5/16 of bf16's bytes), not yet time.
+AVX2 cores of an AMD EPYC Zen 1, against the bf16 panel GEMM of ``cpu_linear.py``; a loaded
+machine): at 1 row Q4_1 ~1.35-1.4x, Q8_0 ~1.2x (GGUF's row layout: ~1.0x); at 4 rows ~0.85-1.05x;
+at 32 rows ~0.95-1.0x; Q4_K ~0.95x at 1 row. Widening the integer quants to fp32 (a conversion
+and an FMA per 8 weights, ~2.5 cycles) bounds the kernels on this CPU: the gain is memory (Q4_1
+keeps 5/16 of bf16's bytes) more than time.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class QuantFormat:
     block_bytes: int
     dequantize_blocks: Dequantizer
     quantize_blocks: Quantizer | None = None  # None where quire cannot produce the format
+    # Bytes of f16 fields heading each block, for formats kept in the interleaved layout (see
+    # interleave_rows); 0: the format stays in GGUF's row layout.
+    interleave_head: int = 0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -59,6 +66,10 @@ class QuantFormat:
             raise ValueError(f"QuantFormat {self.name}: block_elems must be a positive multiple of 16")
         if not 0 < self.block_bytes < 4 * self.block_elems:
             raise ValueError(f"QuantFormat {self.name}: block_bytes must be in (0, 4 * block_elems)")
+        if self.interleave_head < 0 or self.interleave_head % 2 or self.interleave_head >= self.block_bytes:
+            raise ValueError(
+                f"QuantFormat {self.name}: interleave_head must be an even byte count below block_bytes"
+            )
 
     def row_bytes(self, in_features: int) -> int:
         return in_features // self.block_elems * self.block_bytes
@@ -167,9 +178,9 @@ def _quantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
 QUANT_TYPES: dict[str, QuantFormat] = {
     fmt.name: fmt
     for fmt in (
-        QuantFormat("Q4_0", 2, 32, 18, _dequantize_q4_0),
-        QuantFormat("Q4_1", 3, 32, 20, _dequantize_q4_1, _quantize_q4_1),
-        QuantFormat("Q8_0", 8, 32, 34, _dequantize_q8_0, _quantize_q8_0),
+        QuantFormat("Q4_0", 2, 32, 18, _dequantize_q4_0, interleave_head=2),
+        QuantFormat("Q4_1", 3, 32, 20, _dequantize_q4_1, _quantize_q4_1, interleave_head=4),
+        QuantFormat("Q8_0", 8, 32, 34, _dequantize_q8_0, _quantize_q8_0, interleave_head=2),
         QuantFormat("Q4_K", 12, _QK_K, 144, _dequantize_q4_k),
         QuantFormat("Q5_K", 13, _QK_K, 176, _dequantize_q5_k),
         QuantFormat("Q6_K", 14, _QK_K, 210, _dequantize_q6_k),
@@ -178,6 +189,46 @@ QUANT_TYPES: dict[str, QuantFormat] = {
 
 # --quantization method -> the block format it produces.
 QUANTIZATION_METHODS: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_1"}
+
+
+# --- the interleaved layout -------------------------------------------------------------------------
+# Q8_0 / Q4_0 / Q4_1 weights are kept with 8 output rows interleaved, so the decode kernel holds 8
+# output columns in the 8 lanes of a vector: per group of 8 rows and block index, each f16 header
+# field of the 8 rows (16 bytes per field), then quant byte j of the 8 rows for every j. One k step
+# is then one 8-byte load, and the scales load as one vector: at 1-4 rows of x ~1.3x faster than
+# dotting GGUF's row-contiguous blocks (benchmarks/quant_gemm.py). It permutes the file's bytes
+# (rows padded with zero bytes to a multiple of 8), so nothing is expanded; the kernels' side is
+# kInterleavedFlag in quant_blocks.h.
+_GROUP = 8
+INTERLEAVED_FLAG = 256  # added to a GGML type id: quant_linear gets the interleaved layout (quant_blocks.h)
+
+
+def interleave_rows(rows: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """GGUF rows uint8 [n, row_bytes] -> the interleaved layout [ceil(n / 8) * 8, row_bytes]."""
+    n, row_bytes = rows.shape
+    padded = -(-n // _GROUP) * _GROUP
+    if padded != n:
+        rows = torch.cat([rows, rows.new_zeros(padded - n, row_bytes)])
+    head, block_bytes = fmt.interleave_head, fmt.block_bytes
+    blocks = rows.reshape(padded // _GROUP, _GROUP, -1, block_bytes).transpose(1, 2)  # [G, nb, 8, bytes]
+    groups, nb = blocks.shape[:2]
+    fields = blocks[..., :head].reshape(groups, nb, _GROUP, head // 2, 2).transpose(2, 3)
+    quants = blocks[..., head:].transpose(2, 3)
+    return torch.cat([fields.reshape(groups, nb, -1), quants.reshape(groups, nb, -1)], dim=2).reshape(
+        padded, row_bytes
+    )
+
+
+def deinterleave_groups(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """The inverse of interleave_rows for whole groups: uint8 [8 * g, row_bytes] -> GGUF rows, same shape."""
+    head, block_bytes = fmt.interleave_head, fmt.block_bytes
+    groups, row_bytes = packed.shape[0] // _GROUP, packed.shape[1]
+    chunks = packed.reshape(groups, -1, _GROUP * block_bytes)  # [G, nb, 8 * bytes]
+    nb = chunks.shape[1]
+    fields = chunks[..., : _GROUP * head].reshape(groups, nb, head // 2, _GROUP, 2).transpose(2, 3)
+    quants = chunks[..., _GROUP * head :].reshape(groups, nb, block_bytes - head, _GROUP).transpose(2, 3)
+    blocks = torch.cat([fields.reshape(groups, nb, _GROUP, head), quants], dim=3)  # [G, nb, 8, bytes]
+    return blocks.transpose(1, 2).reshape(groups * _GROUP, row_bytes)
 
 
 def quant_format(quant_type: str) -> QuantFormat:
@@ -219,15 +270,25 @@ class QuantizedLinearWeight:
         self.quant_type = quant_type
         self.out_features = raw.shape[0]
         self.in_features = in_features
-        self.raw = raw.contiguous().clone()  # our own copy, never a view of a caller's mmap
+        self.interleaved = fmt.interleave_head > 0
+        # Our own copy, never a view of a caller's mmap (interleave_rows writes a new tensor).
+        self.packed = interleave_rows(raw, fmt) if self.interleaved else raw.contiguous().clone()
+        self._row_gather: torch.Tensor | None = None  # built by the first embedding lookup
         ops = cpu_ops()
         # A kernel build from before the quantized ops existed keeps the torch path.
         self._ops = ops if ops is not None and hasattr(ops, "quant_linear") else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes resident for this weight."""
-        return self.raw.numel()
+        """Bytes resident for this weight: the file's bytes, plus up to 7 zero rows of padding for
+        interleaved formats whose ``out_features`` is not a multiple of 8."""
+        return self.packed.numel()
+
+    def gguf_rows(self) -> torch.Tensor:
+        """The weight in GGUF's byte layout, uint8 ``[out_features, row_bytes]`` (a new tensor if interleaved)."""
+        if not self.interleaved:
+            return self.packed
+        return deinterleave_groups(self.packed, self.format)[: self.out_features]
 
     def __repr__(self) -> str:
         return f"QuantizedLinearWeight({self.quant_type}, out={self.out_features}, in={self.in_features})"
@@ -240,14 +301,26 @@ class QuantizedLinearWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The weight as fp32 ``[out_features, in_features]``, bit-identical to gguf.quants.dequantize."""
-        return self._dequantize_rows(self.raw)
+        return self._dequantize_rows(self.gguf_rows())
+
+    def _select_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """GGUF bytes of rows ``ids`` (int64 [n]): [n, row_bytes]."""
+        if not self.interleaved:
+            return self.packed.index_select(0, ids)
+        if self._row_gather is None:
+            # Where row i of a group keeps its GGUF bytes in the group's interleaved bytes: the
+            # inverse layout applied to byte offsets (one small table, [8, row_bytes]).
+            offsets = torch.arange(self.packed[:_GROUP].numel(), dtype=torch.int32)
+            self._row_gather = deinterleave_groups(offsets.view(_GROUP, -1), self.format).to(torch.int64)
+        groups = self.packed.view(-1, self._row_gather.numel()).index_select(0, ids // _GROUP)
+        return groups.gather(1, self._row_gather.index_select(0, ids % _GROUP))
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` dequantized (a token embedding lookup): fp32 ``[*ids.shape, in_features]``."""
         flat = ids.reshape(-1).to(torch.int64)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
             raise ValueError(f"ids must be in [0, {self.out_features}), got {flat.min()}..{flat.max()}")
-        return self._dequantize_rows(self.raw.index_select(0, flat)).reshape(*ids.shape, self.in_features)
+        return self._dequantize_rows(self._select_rows(flat)).reshape(*ids.shape, self.in_features)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features:
@@ -256,7 +329,17 @@ class QuantizedLinearWeight:
             return F.linear(x, self.dequantize().to(x.device), bias)
         rows = x.reshape(-1, self.in_features).contiguous()
         bias = None if bias is None else bias.contiguous()
-        y = self._ops.quant_linear(rows, self.raw, self.format.ggml_type, self.in_features, bias)
+        type_id = self.format.ggml_type
+        padded = self.packed.shape[0]
+        if self.interleaved:
+            type_id += INTERLEAVED_FLAG
+            if bias is not None and padded != self.out_features:
+                bias = torch.cat(
+                    [bias.float(), bias.new_zeros(padded - self.out_features, dtype=torch.float32)]
+                )
+        y = self._ops.quant_linear(rows, self.packed, type_id, self.in_features, bias)
+        if padded != self.out_features:
+            y = y[:, : self.out_features].contiguous()
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -16,6 +16,18 @@ namespace quire_quant {
 // GGML type ids (gguf.GGMLQuantizationType), as quant_linear.py's QUANT_TYPES passes them.
 enum QuantType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
+// Added to a quant_type passed to quant_linear: the weight is in the interleaved layout, 8 output
+// rows per group (rows padded with zero bytes to a multiple of 8). Per group and block index, the
+// 8 rows' blocks become: each f16 field of the block header for rows 0..7 (16 bytes per field),
+// then quant byte j of rows 0..7 for every j (8 bytes per j). A permutation of the file's bytes,
+// no expansion; quire/models/quant_linear.py builds and undoes it.
+constexpr int64_t kInterleavedFlag = 256;
+
+// Header bytes (the f16 fields before the quants) of the formats with an interleaved layout, 0 otherwise.
+constexpr int64_t interleave_head_bytes(int64_t type) {
+  return type == kQ4_1 ? 4 : (type == kQ4_0 || type == kQ8_0) ? 2 : 0;
+}
+
 struct BlockFormat {
   int64_t type;
   int64_t elems;  // weights per block

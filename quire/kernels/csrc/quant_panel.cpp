@@ -95,21 +95,31 @@ inline void transpose_bytes_8x16(const __m128i r[8], __m128i out[8]) {
 // rows' scales and offsets are applied as vectors. About half the instructions of decoding rows
 // and transposing floats. Values are exact: each d * q is exact (see quant_blocks.h), so the FMA
 // rounds once, like gguf-py's multiply then add.
-template <int64_t TYPE>
+// INTERLEAVED: raw is in kInterleavedFlag's layout, where the scales and the transposed quant
+// bytes of each group of 8 rows are already stored that way (only whole groups exist; the panel
+// is zero-filled where cols < 16).
+template <int64_t TYPE, bool INTERLEAVED = false>
 void fill_panel_q32(const BlockFormat& format, const uint8_t* raw, int64_t row_bytes, int64_t cols, int64_t k0,
                     int64_t kc, float* panel) {
   static const uint8_t kZeroBlock[64] = {};  // d = 0 (and m = 0): rows past the weight decode to 0
   constexpr int64_t quant_offset = TYPE == quire_quant::kQ4_1 ? 4 : 2;
   for (int64_t h = 0; h < kPanelWidth / 8; ++h) {
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(8, cols - 8 * h));
+    if (INTERLEAVED && valid == 0) continue;
     for (int64_t b = 0; b < kc / 32; ++b) {
       const int64_t offset = (k0 / 32 + b) * format.bytes;
       const uint8_t* block[8];
       uint16_t d_bits[8], m_bits[8];
-      for (int i = 0; i < 8; ++i) {
-        block[i] = i < valid ? raw + (8 * h + i) * row_bytes + offset : kZeroBlock;
-        std::memcpy(&d_bits[i], block[i], 2);
-        std::memcpy(&m_bits[i], block[i] + 2, 2);
+      const uint8_t* chunk = raw + 8 * h * row_bytes + 8 * offset;  // INTERLEAVED: this group's block b
+      if constexpr (INTERLEAVED) {
+        std::memcpy(d_bits, chunk, 16);
+        if constexpr (TYPE == quire_quant::kQ4_1) std::memcpy(m_bits, chunk + 16, 16);
+      } else {
+        for (int i = 0; i < 8; ++i) {
+          block[i] = i < valid ? raw + (8 * h + i) * row_bytes + offset : kZeroBlock;
+          std::memcpy(&d_bits[i], block[i], 2);
+          std::memcpy(&m_bits[i], block[i] + 2, 2);
+        }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d_bits)));
       __m256 m = _mm256_setzero_ps();
@@ -120,9 +130,14 @@ void fill_panel_q32(const BlockFormat& format, const uint8_t* raw, int64_t row_b
       const __m256i mask = _mm256_set1_epi32(0x0F);
       for (int part = 0; part < (TYPE == quire_quant::kQ8_0 ? 2 : 1); ++part) {
         __m128i r[8], t[8];
-        for (int i = 0; i < 8; ++i)
-          r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block[i] + quant_offset + 16 * part));
-        transpose_bytes_8x16(r, t);
+        if constexpr (INTERLEAVED) {
+          const uint8_t* quants = chunk + 8 * quant_offset + 128 * part;
+          for (int j = 0; j < 8; ++j) t[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * j));
+        } else {
+          for (int i = 0; i < 8; ++i)
+            r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block[i] + quant_offset + 16 * part));
+          transpose_bytes_8x16(r, t);
+        }
         for (int j = 0; j < 8; ++j) {
           for (int second = 0; second < 2; ++second) {
             const int64_t k = 2 * j + second + 16 * part;  // byte index within the block's quants
@@ -297,8 +312,19 @@ void panel_linear(const BlockFormat& format, const float* x, int64_t m_dim, int6
 
 }  // namespace
 
-void quant_panel_linear(const BlockFormat& format, const float* x, int64_t m_dim, int64_t k_dim, const uint8_t* raw,
-                        int64_t n_dim, const float* bias, float* y) {
+void quant_panel_linear(const BlockFormat& format, bool interleaved, const float* x, int64_t m_dim, int64_t k_dim,
+                        const uint8_t* raw, int64_t n_dim, const float* bias, float* y) {
+#ifdef QUIRE_QUANT_AVX2
+  if (interleaved) {
+    switch (format.type) {
+      case kQ8_0: panel_linear<fill_panel_q32<kQ8_0, true>>(format, x, m_dim, k_dim, raw, n_dim, bias, y); return;
+      case kQ4_0: panel_linear<fill_panel_q32<kQ4_0, true>>(format, x, m_dim, k_dim, raw, n_dim, bias, y); return;
+      default: panel_linear<fill_panel_q32<kQ4_1, true>>(format, x, m_dim, k_dim, raw, n_dim, bias, y); return;
+    }
+  }
+#else
+  (void)interleaved;  // callers pass the GGUF layout to portable builds
+#endif
   switch (format.type) {
 #ifdef QUIRE_QUANT_AVX2
     case kQ8_0: panel_linear<fill_panel_q32<kQ8_0>>(format, x, m_dim, k_dim, raw, n_dim, bias, y); break;
