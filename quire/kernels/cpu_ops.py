@@ -45,7 +45,14 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("cpu_ops.cpp", "packed_gemm.cpp", "quant_gemm.cpp", "quant_panel.cpp")]
 _HEADERS = [
     _CSRC / name
-    for name in ("packed_gemm.h", "quant_gemm.h", "quant_blocks.h", "quant_panel.h", "quant_simd.h")
+    for name in (
+        "packed_gemm.h",
+        "panel_tile.h",
+        "quant_gemm.h",
+        "quant_blocks.h",
+        "quant_panel.h",
+        "quant_simd.h",
+    )
 ]
 # The instruction set comes from the tier's flags (AVX2/FMA paths from the avx2 tier up, portable
 # loops below it). -fopenmp makes at::parallel_for use torch's own OpenMP thread pool (the same

@@ -334,9 +334,9 @@ void direct_rows_q32(const float* x, int64_t k_dim, const float* xsum, const uin
   });
 }
 
-template <int64_t TYPE>
-void direct_linear(const float* x, int64_t m_dim, int64_t k_dim, const uint8_t* raw, int64_t row_bytes,
-                   int64_t block_bytes, int64_t n_dim, const float* bias, float* y) {
+// Per row of x, the sum of each run of 32 values (one per 32-weight block): the "m * sum(x)"
+// term of Q4_1 and the like, computed once per call instead of once per output column.
+std::vector<float> block_sums_of_x(const float* x, int64_t m_dim, int64_t k_dim) {
   const int64_t num_blocks = k_dim / 32;
   std::vector<float> xsum(static_cast<size_t>(m_dim * num_blocks));
   for (int64_t r = 0; r < m_dim; ++r)
@@ -346,6 +346,14 @@ void direct_linear(const float* x, int64_t m_dim, int64_t k_dim, const uint8_t* 
                                _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
       xsum[static_cast<size_t>(r * num_blocks + b)] = hsum(s);
     }
+  return xsum;
+}
+
+template <int64_t TYPE>
+void direct_linear(const float* x, int64_t m_dim, int64_t k_dim, const uint8_t* raw, int64_t row_bytes,
+                   int64_t block_bytes, int64_t n_dim, const float* bias, float* y) {
+  const int64_t num_blocks = k_dim / 32;
+  const std::vector<float> xsum = block_sums_of_x(x, m_dim, k_dim);
   for (int64_t r0 = 0; r0 < m_dim; r0 += kDirectMaxRows) {
     const int64_t rows = std::min(kDirectMaxRows, m_dim - r0);
     const float* xr = x + r0 * k_dim;
@@ -473,14 +481,7 @@ template <int64_t TYPE>
 void interleaved_linear(const float* x, int64_t m_dim, int64_t k_dim, const uint8_t* packed, int64_t row_bytes,
                         int64_t n_dim, const float* bias, float* y) {
   const int64_t num_blocks = k_dim / 32;
-  std::vector<float> xsum(static_cast<size_t>(m_dim * num_blocks));
-  for (int64_t r = 0; r < m_dim; ++r)
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const float* xb = x + r * k_dim + b * 32;
-      __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                               _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
-      xsum[static_cast<size_t>(r * num_blocks + b)] = hsum(s);
-    }
+  const std::vector<float> xsum = block_sums_of_x(x, m_dim, k_dim);
   for (int64_t r0 = 0; r0 < m_dim; r0 += kDirectMaxRows) {
     const int64_t rows = std::min(kDirectMaxRows, m_dim - r0);
     const float* xr = x + r0 * k_dim;

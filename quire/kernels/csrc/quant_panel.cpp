@@ -15,13 +15,15 @@
 #include <cstring>
 #include <vector>
 
+#include "panel_tile.h"
 #include "quant_simd.h"
 
 namespace quire_quant {
 namespace {
 
-constexpr int64_t kPanelWidth = 16;
-constexpr int64_t kMaxTileRows = 6;
+using quire_panel::kMaxTileRows;
+using quire_panel::kPanelWidth;
+using quire_panel::row_tiles;
 // The panel holds at most this many K steps (16 KiB of fp32: it stays in L1 while every row tile
 // runs over it). A multiple of 256, so every format's blocks fit whole.
 constexpr int64_t kPanelTargetK = 256;
@@ -159,48 +161,6 @@ void fill_panel_q32(const BlockFormat& format, const uint8_t* raw, int64_t row_b
   }
 }
 
-// acc (+)= a_tile[kc x MR] * panel[kc x 16], stored to c (row stride ldc); with accumulate false
-// the accumulators start from the bias (or zero), otherwise from c.
-template <int MR>
-inline void tile_kernel(const float* a, const float* panel, int64_t kc, float* c, int64_t ldc, const float* bias,
-                        bool accumulate) {
-  // Every loop over r fully unrolled: otherwise acc lives on the stack and the kernel runs at
-  // half speed (measured).
-  __m256 acc[MR][2];
-  if (accumulate) {
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      acc[r][0] = _mm256_loadu_ps(c + r * ldc);
-      acc[r][1] = _mm256_loadu_ps(c + r * ldc + 8);
-    }
-  } else {
-    const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      acc[r][0] = b0;
-      acc[r][1] = b1;
-    }
-  }
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel), w1 = _mm256_loadu_ps(panel + 8);
-    panel += kPanelWidth;
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(a + r);
-      acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-    }
-    a += MR;
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
-  }
-}
-
 #else
 // Portable: each block decoded straight into the panel's columns.
 template <void (*Decode)(const uint8_t*, float*, int64_t)>
@@ -213,39 +173,7 @@ void fill_panel(const BlockFormat& format, const uint8_t* raw, int64_t row_bytes
   }
 }
 
-template <int MR>
-inline void tile_kernel(const float* a, const float* panel, int64_t kc, float* c, int64_t ldc, const float* bias,
-                        bool accumulate) {
-  float acc[MR][kPanelWidth];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < kPanelWidth; ++j) acc[r][j] = accumulate ? c[r * ldc + j] : (bias ? bias[j] : 0.0f);
-  for (int64_t k = 0; k < kc; ++k)
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < kPanelWidth; ++j) acc[r][j] += a[k * MR + r] * panel[k * kPanelWidth + j];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < kPanelWidth; ++j) c[r * ldc + j] = acc[r][j];
-}
 #endif
-
-void run_tile(int64_t rows, const float* a, const float* panel, int64_t kc, float* c, int64_t ldc,
-              const float* bias, bool accumulate) {
-  switch (rows) {
-    case 1: tile_kernel<1>(a, panel, kc, c, ldc, bias, accumulate); break;
-    case 2: tile_kernel<2>(a, panel, kc, c, ldc, bias, accumulate); break;
-    case 3: tile_kernel<3>(a, panel, kc, c, ldc, bias, accumulate); break;
-    case 4: tile_kernel<4>(a, panel, kc, c, ldc, bias, accumulate); break;
-    case 5: tile_kernel<5>(a, panel, kc, c, ldc, bias, accumulate); break;
-    default: tile_kernel<6>(a, panel, kc, c, ldc, bias, accumulate); break;
-  }
-}
-
-// Rows [start[t], start[t + 1]) form row tile t: M split into ceil(M / 6) near-equal tiles.
-std::vector<int64_t> row_tiles(int64_t rows) {
-  const int64_t tiles = (rows + kMaxTileRows - 1) / kMaxTileRows;
-  std::vector<int64_t> start(static_cast<size_t>(tiles + 1));
-  for (int64_t t = 0; t <= tiles; ++t) start[static_cast<size_t>(t)] = rows * t / tiles;
-  return start;
-}
 
 using PanelFill = void (*)(const BlockFormat&, const uint8_t*, int64_t, int64_t, int64_t, int64_t, float*);
 
@@ -299,7 +227,8 @@ void panel_linear(const BlockFormat& format, const float* x, int64_t m_dim, int6
             for (int64_t r = 0; r < rows; ++r)
               std::copy(y + (r0 + r) * n_dim + col0, y + (r0 + r) * n_dim + col0 + cols, edge + r * kPanelWidth);
           }
-          run_tile(rows, x_tiles.data() + r0 * k_dim + k0 * rows, panel, kc, c, ldc, panel_bias, k0 > 0);
+          quire_panel::run_tile<false>(rows, x_tiles.data() + r0 * k_dim + k0 * rows, panel, kc, c, ldc, panel_bias,
+                                       k0 > 0);
           if (cols < kPanelWidth) {
             for (int64_t r = 0; r < rows; ++r)
               std::copy(edge + r * kPanelWidth, edge + r * kPanelWidth + cols, y + (r0 + r) * n_dim + col0);
