@@ -19,7 +19,6 @@ GPUs, other dtypes and ``QUIRE_CPU_KERNELS=0`` keep plain ``F.linear``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from quire.kernels.cpu_ops import cpu_kernels_enabled, cpu_ops
 
@@ -73,8 +72,3 @@ class CpuLinearWeight:
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], self.out_features)
         return self._ops.packed_linear(x.contiguous(), self.panels, self.out_features, bias)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: CpuLinearWeight | None):
-    """``F.linear`` through the prepared weight where there is one."""
-    return F.linear(x, weight, bias) if fast is None else fast(x, bias)

@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from quire.config import QUANTIZATION_METHODS
 from quire.models.dtype_policy import DTYPES, choose_dtype  # noqa: F401 - DTYPES re-exported
 from quire.models.hf_config import ModelArchConfig
 from quire.models.registry import resolve_model_class
@@ -52,10 +53,6 @@ class LoadableModel(Protocol):
     def checkpoint_layout(self) -> dict[str, WeightSlot]: ...
 
     def ignored_checkpoint_weights(self, name: str) -> bool: ...
-
-
-# Weight-only quantization methods accepted by ``load_model(quantization=...)`` (vLLM's flag name).
-QUANTIZATION_METHODS = ("int8", "int4")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quire.config import QUANTIZATION_METHODS
 from quire.kernels.cpu_ops import cpu_ops
 
 _QK_K = 256  # elements per K-quant super-block
@@ -187,8 +188,9 @@ QUANT_TYPES: dict[str, QuantFormat] = {
     )
 }
 
-# --quantization method -> the block format it produces.
-QUANTIZATION_METHODS: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_1"}
+# --quantization method (quire.config.QUANTIZATION_METHODS) -> the block format it produces.
+METHOD_FORMATS: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_1"}
+assert tuple(METHOD_FORMATS) == QUANTIZATION_METHODS, "every --quantization method needs a format"
 
 
 # --- the interleaved layout -------------------------------------------------------------------------
@@ -346,7 +348,7 @@ class QuantizedLinearWeight:
 def quantize_weight(weight: torch.Tensor, method: str) -> QuantizedLinearWeight:
     """An fp32 ``[out, in]`` weight quantized at load time: ``int8`` -> Q8_0, ``int4`` -> Q4_1
     (blocks of 32 along ``in``), bit-identical to ``gguf.quants.quantize``."""
-    quant_type = QUANTIZATION_METHODS.get(method)
+    quant_type = METHOD_FORMATS.get(method)
     if quant_type is None:
         raise ValueError(
             f"quantization method {method!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}"
@@ -361,7 +363,7 @@ def quantize_weight(weight: torch.Tensor, method: str) -> QuantizedLinearWeight:
         raise ValueError(
             f"weight in_features ({in_features}) must be a multiple of {fmt.block_elems} for {method} ({quant_type})"
         )
-    assert fmt.quantize_blocks is not None  # every QUANTIZATION_METHODS target can be produced
+    assert fmt.quantize_blocks is not None  # every METHOD_FORMATS target can be produced
     blocks = weight.detach().to(device="cpu", dtype=torch.float32).reshape(-1, fmt.block_elems)
     raw = fmt.quantize_blocks(blocks).reshape(out_features, fmt.row_bytes(in_features))
     return QuantizedLinearWeight(raw, quant_type, in_features)

@@ -73,8 +73,10 @@ class Tokenizer:
     @classmethod
     def from_path(cls, path: str | Path) -> Tokenizer:
         """Load from a model directory (see ``from_dir``) or a ``.gguf`` file (see ``from_gguf``)."""
+        from quire.gguf_file import is_gguf_file  # the model loader's test too: name or magic bytes
+
         target = Path(path)
-        if target.is_file() and target.suffix.lower() == ".gguf":
+        if is_gguf_file(target):
             return cls.from_gguf(target)
         if target.is_dir():
             return cls.from_dir(target)
