@@ -173,6 +173,22 @@ def test_stop_strings_eos_and_finish_reasons(llama_llm: LLM) -> None:
     assert out.token_ids == free.token_ids[: free.token_ids.index(stop_token) + 1]
 
 
+def test_the_eos_or_stop_token_is_not_part_of_the_text(llama_llm: LLM) -> None:
+    """The token that stops a sequence keeps its id in token_ids but, like a stop string, its
+    text is left out even where special tokens are kept (unless include_stop_str_in_output)."""
+    prompt = {"prompt_token_ids": make_prompts()[1]}
+    eos = min(llama_llm.tokenizer.eos_token_ids)
+    eos_text = llama_llm.tokenizer.decode([eos], skip_special_tokens=False)
+    forced = {eos: 100.0}  # EOS as soon as min_tokens allows it
+    base = dict(max_tokens=30, temperature=0, min_tokens=3, logit_bias=forced, skip_special_tokens=False)
+    out = llama_llm.generate(prompt, SamplingParams(**base))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == eos and len(out.token_ids) == 4
+    assert out.text == llama_llm.tokenizer.decode(out.token_ids[:-1], skip_special_tokens=False)
+    assert not out.text.endswith(eos_text)
+    kept = llama_llm.generate(prompt, SamplingParams(**base, include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == out.text + eos_text
+
+
 def test_logprobs_and_timings(llama_llm: LLM) -> None:
     result = llama_llm.generate("hello there", SamplingParams(max_tokens=5, temperature=0, logprobs=3))[0]
     out = result.outputs[0]

@@ -142,8 +142,19 @@ class OutputProcessor:
             for entry in out.new_logprobs:
                 sequence.logprobs.append(self._logprob_dict(entry))
                 sequence.cumulative_logprob = (sequence.cumulative_logprob or 0.0) + entry.logprob
-        delta = sequence.detokenizer.add_tokens(out.new_token_ids)
         finished = out.finish_reason is not None
+        text_ids = out.new_token_ids
+        if (
+            finished
+            and out.finish_reason == "stop"
+            and text_ids
+            and not request.params.include_stop_str_in_output
+        ):
+            # The engine stops only on an EOS or stop token, always the last one: like a stop
+            # string, it ends the text without being part of it (with skip_special_tokens=False
+            # its text, e.g. "</s>", would otherwise be appended). token_ids keep it.
+            text_ids = text_ids[:-1]
+        delta = sequence.detokenizer.add_tokens(text_ids)
         if finished:
             delta += sequence.detokenizer.finish()
         if sequence.stop is not None:
