@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from quire.structured.params import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy: dividing logits by ~0 is numerically useless.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
@@ -69,6 +71,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives to return beside the sampled token
     skip_special_tokens: bool = True
+    # Constrained decoding: the output must match this JSON schema / regex / choice / grammar.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -113,6 +117,34 @@ class SamplingParams:
         for token_id, bias in self.logit_bias.items():
             _check_int("logit_bias keys", token_id, 0, MAX_TOKEN_ID, hint="they are token ids")
             _check_real("logit_bias values", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        if self.structured_outputs is not None:
+            self._validate_structured()
+
+    def _validate_structured(self) -> None:
+        """Refuse what would break the promise that a constrained output parses. stop_token_ids
+        are checked against the model's end-of-sequence ids by the input processor."""
+        _require(
+            isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs must be a StructuredOutputsParams, got "
+            f"{type(self.structured_outputs).__name__}",
+        )
+        _require(
+            not self.ignore_eos,
+            "ignore_eos cannot be combined with structured_outputs: a constrained output ends with "
+            "end-of-sequence once its grammar is complete, and there is nothing valid to add after it",
+        )
+        _require(
+            self.min_tokens == 0,
+            "min_tokens cannot be combined with structured_outputs: it forbids end-of-sequence before "
+            f"{self.min_tokens} tokens, but a complete constrained output may be shorter, and then no "
+            "token would be valid",
+        )
+        _require(
+            not self.stop,
+            "stop strings cannot be combined with structured_outputs: a stop string can occur inside "
+            "the constrained text (e.g. in a JSON string value) and would cut it short, leaving output "
+            "that does not parse; the grammar ends the output itself",
+        )
 
     @property
     def is_greedy(self) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from quire.config import QUANTIZATION_METHODS, EngineArgs
+from quire.structured.tool_parsers import tool_parser_names
 
 
 def _note_default_model(ns: argparse.Namespace) -> None:
@@ -121,6 +123,16 @@ def _serve(ns: argparse.Namespace) -> int:
         engine_restart_window=ns.engine_restart_window,
         engine_load_timeout=ns.engine_load_timeout,
         trust_request_chat_template=ns.trust_request_chat_template,
+        enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        tool_call_parser=ns.tool_call_parser,
+        chat_template=ns.chat_template,
+        generation_config=ns.generation_config,
+        allowed_origins=tuple(ns.allowed_origins or ()),
+        allowed_methods=tuple(ns.allowed_methods),
+        allowed_headers=tuple(ns.allowed_headers),
+        root_path=ns.root_path,
+        ssl_keyfile=ns.ssl_keyfile,
+        ssl_certfile=ns.ssl_certfile,
     )
     # One JSON line per request is part of the service, whatever --log-level says for the rest.
     logging.getLogger("quire.requests").setLevel(logging.INFO)
@@ -194,6 +206,61 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept chat templates sent with requests (chat_template_kwargs.chat_template); off: 400",
     )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='allow tool_choice "auto" (the default with tools): the model\'s output is parsed for calls',
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=tool_parser_names(),
+        help='the model\'s tool-call output format, for tool_choice "auto"',
+    )
+    add_http_arguments(parser)
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """Chat template and sampling defaults, CORS, proxy prefix and TLS (vLLM's flag names)."""
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template to use instead of the model's: a file path, or the template itself",
+    )
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        help="default sampling parameters: 'auto' (the model's generation_config.json), "
+        "'vllm' or 'none' (neutral), or a folder holding a generation_config.json",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        type=_json_list,
+        default=None,
+        help="CORS: JSON list of allowed origins, e.g. '[\"https://app.example\"]' (default: no CORS)",
+    )
+    parser.add_argument(
+        "--allowed-methods", type=_json_list, default=["*"], help='CORS: JSON list of methods (default ["*"])'
+    )
+    parser.add_argument(
+        "--allowed-headers", type=_json_list, default=["*"], help='CORS: JSON list of headers (default ["*"])'
+    )
+    parser.add_argument(
+        "--root-path", default="", help="path prefix a reverse proxy strips before forwarding, e.g. /llm"
+    )
+    parser.add_argument("--ssl-keyfile", default=None, help="TLS private key file (with --ssl-certfile)")
+    parser.add_argument("--ssl-certfile", default=None, help="TLS certificate file (with --ssl-keyfile)")
+
+
+def _json_list(text: str) -> list[str]:
+    """An argparse type for a JSON list of strings, as vLLM's CORS flags take."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings such as '[\"*\"]', got {text!r}")
+    return value
 
 
 def _served_names(text: str) -> list[str]:

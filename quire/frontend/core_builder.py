@@ -50,11 +50,18 @@ def check_tokenizer_fits_model(model_path: str) -> None:
 
 
 def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, EngineInfo]:
+    from quire.models.loader import read_arch_config
+    from quire.structured.manager import StructuredOutputManager
     from quire.worker.worker import build_worker  # torch lives below this line
 
     check_tokenizer_fits_model(model_path)
     cache = args.cache_config()
-    worker = build_worker(args.model_config(model_path), cache, show_progress=args.show_progress)
+    # The grammar engine's view of the tokenizer takes a few hundred ms to build: it is built on
+    # a background thread while the model loads, and waited on by the first constrained request.
+    structured = StructuredOutputManager.for_model(model_path, read_arch_config(model_path).vocab_size)
+    worker = build_worker(
+        args.model_config(model_path), cache, show_progress=args.show_progress, structured=structured
+    )
     kv = KVCacheManager(worker.num_blocks, cache.block_size, cache.enable_prefix_caching)
     core = EngineCore(args.scheduler_config(worker.max_model_len), kv, worker.runner)
     info = EngineInfo(

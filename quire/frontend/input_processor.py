@@ -8,6 +8,7 @@ from typing import Any
 
 from quire.core.request import EngineCoreRequest, fit_error
 from quire.sampling import SamplingParams
+from quire.structured.backend import LRUCache, validate_structured_outputs
 from quire.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]
@@ -47,6 +48,8 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.kv_capacity_tokens = kv_capacity_tokens
+        # Verdicts on structured-output constraints: clients resend the same schema every request.
+        self._grammar_verdicts = LRUCache(512)
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         """A string is tokenized; ``{"prompt_token_ids": [...]}`` is taken as is (validated)."""
@@ -92,6 +95,23 @@ class InputProcessor:
                 raise ValueError(
                     f"stop_token_ids names token {token_id}, outside the vocabulary of {self.vocab_size}"
                 )
+        if params.structured_outputs is not None:
+            self._check_structured(params)
+
+    def _check_structured(self, params: SamplingParams) -> None:
+        """The constraint compiles (the grammar engine's own message otherwise), and no stop token
+        can cut it short: end-of-sequence ids are fine, the grammar allows them only where the
+        output is complete."""
+        assert params.structured_outputs is not None
+        cutting = sorted(set(params.stop_token_ids or ()) - self.tokenizer.eos_token_ids)
+        if cutting:
+            raise ValueError(
+                f"stop_token_ids {cutting[:5]} cannot be combined with structured_outputs: the grammar "
+                "may allow those tokens mid-output, and stopping there would leave output that does not "
+                "parse; only end-of-sequence ids (which the grammar allows where the output is complete) "
+                "may be given"
+            )
+        validate_structured_outputs(params.structured_outputs, cache=self._grammar_verdicts)
 
     def make_request(
         self,

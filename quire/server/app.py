@@ -16,6 +16,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from quire import __version__
@@ -24,6 +25,7 @@ from quire.server.errors import APIError, openai_error
 from quire.server.middleware import EdgeMiddleware
 from quire.server.openai import chat, completions
 from quire.server.openai.admission import tokenize_text
+from quire.server.openai.field_policy import unknown_field_message
 from quire.server.openai.protocol import DetokenizeRequest, TokenizeRequest
 from quire.server.openai.serving import ClientDisconnected, engine_dead_error
 from quire.server.openai.streaming import CLIENT_CLOSED_STATUS
@@ -54,6 +56,16 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="quire", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.quire = state
     app.add_middleware(EdgeMiddleware, state=state)
+    settings = state.settings
+    if settings.allowed_origins:
+        # Added last, so outermost: a browser's preflight (OPTIONS, no Authorization header) is
+        # answered before the edge asks for a key, and error responses carry the CORS headers too.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=list(settings.allowed_methods),
+            allow_headers=list(settings.allowed_headers),
+        )
     _install_error_handlers(app)
     install_openapi(app)
     app.include_router(completions.router)
@@ -108,14 +120,21 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "The request body is invalid.", None
-    # A failed check on a well-typed value (say, a lone surrogate in a string) says more than the
-    # type mismatches a union reports for its other alternatives.
+    # An unknown field is the most actionable thing to report. After it, a failed check on a
+    # well-typed value (say, a lone surrogate in a string) says more than the type mismatches a
+    # union reports for its other alternatives.
+    unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if unknown is not None:
+        field = _field_name(unknown.get("loc", ()))
+        return unknown_field_message(field), field
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('msg', '')}", None
     fields = [_field_name(error.get("loc", ())) for error in errors]
     field = _field_name(first.get("loc", ()))
     reason = first.get("msg", "invalid value")
+    if first.get("type") == "value_error":
+        reason = reason.removeprefix("Value error, ")  # pydantic's prefix to our own message
     if not field:
         return f"The request body must be a JSON object with the request's fields: {reason}", None
     if len(set(fields)) == 1 and len(errors) > 1:
@@ -177,21 +196,28 @@ def _add_info_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         state = server_state(request)
-        info = state.client.info
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": state.created,
-                "owned_by": "quire",
-                "root": state.model_path,
-                "max_model_len": info.max_model_len if info is not None else None,
-                # Lets `quire bench serve` draw token-id prompts inside the vocabulary.
-                "vocab_size": info.vocab_size if info is not None else None,
-            }
-            for name in state.model_names
-        ]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [_model_card(state, n) for n in state.model_names]})
+
+    # `:path`: served names such as "Qwen/Qwen2.5-0.5B" hold slashes.
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> Response:
+        state = server_state(request)
+        state.check_model(model)  # the 404 in OpenAI's format
+        return json_response(_model_card(state, model))
+
+
+def _model_card(state: ServerState, name: str) -> dict[str, object]:
+    info = state.client.info
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "quire",
+        "root": state.model_path,
+        "max_model_len": info.max_model_len if info is not None else None,
+        # Lets `quire bench serve` draw token-id prompts inside the vocabulary.
+        "vocab_size": info.vocab_size if info is not None else None,
+    }
 
 
 def _add_tokenizer_routes(app: FastAPI) -> None:

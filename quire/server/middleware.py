@@ -33,7 +33,9 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        # Without the --root-path prefix (uvicorn puts it in front of the path a proxy forwarded):
+        # the auth and tracking rules below are about the route, whatever it is mounted under.
+        path = _route_path(scope)
         headers = dict(scope["headers"])
         request_id = resolve_request_id(_header(headers, _REQUEST_ID_KEY))
         ctx = RequestContext(request_id=request_id, endpoint=path)
@@ -144,6 +146,14 @@ def _body_timeout_error(state: ServerState) -> APIError:
         error = APIError(408, f"The request body did not arrive within {seconds:g} s.", code="timeout")
     error.headers["Connection"] = "close"  # uvicorn closes the connection after this response
     return error
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:

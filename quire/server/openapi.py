@@ -63,6 +63,8 @@ def openai_error_responses(schema: dict[str, Any]) -> dict[str, Any]:
             errors: dict[str, str] = dict(_BODY_ERRORS) if had_body else {}
             if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
                 errors.update(_ADMISSION_ERRORS)
+            if "{model" in path:
+                errors["404"] = "No model of that name is served"
             for status, description in sorted(errors.items()):
                 responses.setdefault(
                     status,

@@ -13,6 +13,7 @@ the server exits 1 once ``--max-engine-restarts`` is spent, or if the engine nev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -25,11 +26,13 @@ from quire.config import EngineArgs
 from quire.frontend.core_builder import resolve_model_path
 from quire.frontend.process_client import ProcessEngineClient
 from quire.server.app import build_app
+from quire.server.generation_defaults import load_sampling_defaults
 from quire.server.http_protocol import header_timeout_protocol
 from quire.server.openai.serving import ServerShutdown
 from quire.server.settings import ServerSettings
 from quire.server.state import ServerState
 from quire.tokenizer import Tokenizer
+from quire.tokenizer.chat_template import read_template_argument
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            self.address = f"http://{host}:{port}"
+            self.address = f"{self.state.settings.scheme}://{host}:{port}"
             print(
                 f"quire: listening on {self.address} (/health is 503 until the model is loaded)", flush=True
             )
@@ -118,6 +121,11 @@ def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING"
     """Run the server until it is stopped; returns the process exit code."""
     model_path = resolve_model_path(args)
     tokenizer = Tokenizer.from_path(model_path)  # fails fast, before anything slow, on a bad directory
+    if settings.chat_template is not None:
+        tokenizer.set_chat_template(read_template_argument(settings.chat_template))
+    defaults = load_sampling_defaults(settings.generation_config, model_path)
+    settings = dataclasses.replace(settings, sampling_defaults=defaults)
+    print(f"quire: {defaults.describe()}", flush=True)
     names = settings.served_model_names or (default_model_name(args),)
     client = ProcessEngineClient(
         args, model_path, tokenizer, log_level=log_level, load_timeout=settings.engine_load_timeout
@@ -133,6 +141,9 @@ def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING"
         log_level=log_level.lower(),
         access_log=False,  # the request log line replaces it
         timeout_graceful_shutdown=int(FINAL_GRACE_S),
+        root_path=settings.root_path,
+        ssl_keyfile=settings.ssl_keyfile,
+        ssl_certfile=settings.ssl_certfile,
     )
     server = DrainingServer(config, state)
 

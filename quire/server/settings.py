@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from quire.server.generation_defaults import SamplingDefaults
+from quire.structured.tool_parsers import get_tool_parser, tool_parser_names
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,11 @@ class ServerSettings:
     ``request_timeout`` / ``shutdown_timeout`` are seconds; a request timeout of None never expires.
     ``trust_request_chat_template``: render Jinja chat templates that requests send (Jinja is a
     program: off, such requests get 400; the model's own templates are always allowed).
+    ``chat_template``: a template file's path or the template itself, replacing the model's.
+    ``generation_config``: ``auto``, ``vllm``/``none`` or a folder (see ``generation_defaults``);
+    ``serve()`` resolves it into ``sampling_defaults``, which requests' unset fields take.
+    ``allowed_origins``: CORS is on only when given; ``root_path``: the prefix a proxy strips;
+    ``ssl_keyfile`` / ``ssl_certfile``: serve HTTPS (both or neither).
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +52,19 @@ class ServerSettings:
     # An engine that has not reported ready this long after its process started is killed and
     # counts as a failed start (first start: exit 1; a restart: one more death for the budget).
     engine_load_timeout: float = 1800.0
+    # Tool calling: tool_choice "auto" parses the model's output with this --tool-call-parser,
+    # and only when --enable-auto-tool-choice is given (vLLM's two flags).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    chat_template: str | None = None
+    generation_config: str = "auto"
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    root_path: str = ""
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -77,3 +98,25 @@ class ServerSettings:
         for name in self.served_model_names:
             if not name or len(name) > 256:
                 raise ValueError(f"served model names must be 1-256 characters, got {name!r}")
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the known parsers
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(
+                "--enable-auto-tool-choice needs --tool-call-parser NAME, the model's tool-call "
+                f"format ({', '.join(tool_parser_names())})"
+            )
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ValueError(f"root_path must start with '/' and not end with one, got {self.root_path!r}")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
+        for name, values in (
+            ("allowed_origins", self.allowed_origins),
+            ("allowed_methods", self.allowed_methods),
+            ("allowed_headers", self.allowed_headers),
+        ):
+            if not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"{name} must be a list of non-empty strings, got {list(values)!r}")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"

@@ -13,6 +13,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -63,6 +64,11 @@ class ChatTemplates:
 
     def get(self, name: str = "default") -> str | None:
         return self._templates.get(name)
+
+    def check(self) -> None:
+        """Compile every template now; raises ``ValueError`` for one that is not valid Jinja."""
+        for name in self._templates:
+            self._compile(name)
 
     def render(
         self,
@@ -143,6 +149,27 @@ class ChatTemplates:
             )
             self._compiled[name] = compiled
         return compiled
+
+
+def read_template_argument(value: str) -> str:
+    """A ``--chat-template`` value: the path of a template file, or the template itself (anything
+    with a Jinja tag or expression). Raises ``ValueError`` for a path that does not exist."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a template long enough to be an invalid path name
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read chat template {value!r}: {exc}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(
+        f"chat template {value!r} is neither an existing file nor a Jinja template "
+        "(a template contains {{ ... }} or {% ... %})"
+    )
 
 
 def _compile_source(env: jinja2.Environment, source: str, what: str) -> jinja2.Template:

@@ -227,6 +227,14 @@ class Tokenizer:
         """The names of the tokenizer's own chat templates (``chat_template=<name>`` picks one)."""
         return self._chat.names
 
+    def set_chat_template(self, source: str, origin: str = "--chat-template") -> None:
+        """Replace the model's chat templates with ``source`` (the operator's ``--chat-template``):
+        it becomes the only one, used with and without tools. Raises ``ValueError`` if it is not
+        valid Jinja."""
+        chat = ChatTemplates({"default": source}, self._special_tokens, f"{origin} for {self._source}")
+        chat.check()
+        self._chat = chat
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quire.core.outputs import RequestExecutionError, RunnerOutput, SchedulerOutput
+from quire.core.outputs import NewRequestData, RequestExecutionError, RunnerOutput, SchedulerOutput
+from quire.structured.manager import StructuredOutputManager
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
 from quire.worker.sampler import Sampler, SamplingState, make_generator
 
@@ -35,7 +36,10 @@ class _Batch:
 
 
 class ModelRunner:
-    """Executes scheduled steps on one device. ``model`` follows quire.models.llama's interface."""
+    """Executes scheduled steps on one device. ``model`` follows quire.models.llama's interface.
+
+    ``structured`` is the constrained-decoding hook (see ``quire.structured.manager``); without
+    it, requests carrying ``structured_outputs`` are refused at the step that admits them."""
 
     def __init__(
         self,
@@ -44,8 +48,10 @@ class ModelRunner:
         block_size: int,
         vocab_size: int,
         device: torch.device,
+        structured: StructuredOutputManager | None = None,
     ) -> None:
         self.model = model
+        self.structured = structured
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -58,6 +64,11 @@ class ModelRunner:
         if plan.is_empty:
             return RunnerOutput([], [], [])
         batch = self._build_batch(plan)
+        structured = self.structured
+        if structured is not None:
+            structured.raise_failures(plan.num_scheduled_tokens)
+            # Filled on another thread while the forward below runs.
+            structured.start_bitmask(batch.sample_ids)
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
             logits = (
@@ -66,8 +77,12 @@ class ModelRunner:
                 else None
             )
             states = [self._states[rid].sampling for rid in batch.sample_ids]
-            sampled = self.sampler(logits, states) if logits is not None else None
+            allowed = structured.finish_bitmask() if structured is not None else None
+            sampled = self.sampler(logits, states, allowed) if logits is not None else None
 
+        if sampled is not None and structured is not None:
+            # Before anything of the step is recorded: it may refuse the step for some requests.
+            structured.accept_tokens(batch.sample_ids, sampled.token_ids)
         for request_id, count in plan.num_scheduled_tokens.items():
             self._states[request_id].num_computed += count
         if sampled is None:
@@ -79,10 +94,16 @@ class ModelRunner:
         return RunnerOutput(list(batch.sample_ids), list(sampled.token_ids), list(sampled.logprobs))
 
     def _apply_plan(self, plan: SchedulerOutput) -> None:
+        structured = self.structured
         for request_id in plan.finished_request_ids:
             self._states.pop(request_id, None)
+            if structured is not None:
+                structured.remove_request(request_id)
+        unsupported: set[str] = set()
         for new in plan.new_requests:
             params = new.params
+            if not self._add_structured(new):
+                unsupported.add(new.request_id)
             self._states[new.request_id] = _RequestState(
                 token_ids=list(new.token_ids),
                 block_ids=list(new.block_ids),
@@ -103,6 +124,20 @@ class ModelRunner:
                     f"{state.num_computed} vs {cached.num_computed_tokens} computed tokens"
                 )
             state.block_ids.extend(cached.new_block_ids)
+        if unsupported:  # raised once the whole plan is applied, as RequestExecutionError requires
+            raise RequestExecutionError(
+                "this engine was built without structured output support", unsupported
+            )
+
+    def _add_structured(self, new: NewRequestData) -> bool:
+        """Give a new (or resumed) request to the structured-output hook; False if it needs one
+        and this runner has none."""
+        constraint = new.params.structured_outputs
+        if self.structured is None:
+            return constraint is None
+        # A resumed request replays what it generated before preemption into a fresh matcher.
+        self.structured.add_request(new.request_id, constraint, new.token_ids[new.num_prompt_tokens :])
+        return True
 
     def _build_batch(self, plan: SchedulerOutput) -> _Batch:
         decodes = [rid for rid, n in plan.num_scheduled_tokens.items() if n == 1]

@@ -4,6 +4,7 @@ One call turns the logits of every running sequence into one token each. The pro
 follows vLLM / OpenAI semantics:
 
     logit_bias -> min_tokens -> repetition_penalty -> frequency/presence penalties
+    -> grammar bitmask (constrained rows: disallowed tokens to -inf)
     -> greedy rows: argmax
     -> sampled rows: temperature -> top_k -> top_p -> min_p -> inverse-CDF draw
 
@@ -26,6 +27,7 @@ import torch
 
 from quire.core.outputs import TokenLogprobs
 from quire.sampling import SamplingParams
+from quire.structured.bitmask import TokenBitmask, apply_token_bitmask_
 
 _UINT64 = 1 << 64
 
@@ -94,10 +96,11 @@ class _Plan:
     repetition: list[int] = field(default_factory=list)
     freq_presence: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
+    grammar: TokenBitmask | None = None  # the constrained rows and the tokens they may take
 
     @classmethod
-    def build(cls, states: Sequence[SamplingState]) -> _Plan:
-        plan = cls()
+    def build(cls, states: Sequence[SamplingState], allowed: TokenBitmask | None = None) -> _Plan:
+        plan = cls(grammar=allowed if allowed is not None and allowed.rows else None)
         for i, state in enumerate(states):
             p = state.params
             (plan.greedy if p.is_greedy else plan.sampled).append(i)
@@ -115,7 +118,7 @@ class _Plan:
 
     @property
     def edits_logits(self) -> bool:
-        return bool(self.bias or self.min_tokens or self.repetition or self.freq_presence)
+        return bool(self.bias or self.min_tokens or self.repetition or self.freq_presence or self.grammar)
 
 
 class Sampler:
@@ -137,7 +140,12 @@ class Sampler:
         else:
             self._generator.manual_seed(seed % _UINT64)
 
-    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], allowed: TokenBitmask | None = None
+    ) -> SamplerOutput:
+        """One token per row. ``allowed`` restricts the constrained rows (structured output) to
+        the tokens their grammar allows; it is applied to the processed logits, so logprobs stay
+        those of the raw model distribution."""
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(
                 f"logits must be [num_rows, vocab] with one row per state; got shape {tuple(logits.shape)} "
@@ -148,7 +156,7 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         vocab = min(self.vocab_size, logits.shape[1])
         raw = logits[:, :vocab]
-        plan = _Plan.build(states)
+        plan = _Plan.build(states, allowed)
         if not plan.sampled and not plan.edits_logits and not plan.logprobs:
             return SamplerOutput(token_ids=raw.argmax(dim=-1).tolist(), logprobs=[None] * num_rows)
 
@@ -174,12 +182,15 @@ class Sampler:
             _fill_logprobs(logprobs, pending, token_ids, states, plan.logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
-    def processed_logits(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-        """The float32 logits after logit_bias, min_tokens and the penalties, cut to the vocabulary:
-        what greedy rows take the argmax of and sampled rows go on to temperature with. For tests
-        and debugging; ``__call__`` does the same work without this extra entry point."""
+    def processed_logits(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], allowed: TokenBitmask | None = None
+    ) -> torch.Tensor:
+        """The float32 logits after logit_bias, min_tokens, the penalties and the grammar bitmask,
+        cut to the vocabulary: what greedy rows take the argmax of and sampled rows go on to
+        temperature with. For tests and debugging; ``__call__`` does the same work without this
+        extra entry point."""
         raw = logits[:, : min(self.vocab_size, logits.shape[1])]
-        return self._process(raw, states, _Plan.build(states))
+        return self._process(raw, states, _Plan.build(states, allowed))
 
     def _process(self, raw: torch.Tensor, states: Sequence[SamplingState], plan: _Plan) -> torch.Tensor:
         num_rows, vocab = raw.shape
@@ -194,6 +205,9 @@ class Sampler:
         self._apply_min_tokens(work, states, plan.min_tokens)
         self._apply_repetition_penalty(buffer, states, plan.repetition)
         self._apply_frequency_presence(buffer, states, plan.freq_presence)
+        if plan.grammar is not None:
+            # Last, so no later edit can lift a banned token back above -inf; in place on our copy.
+            apply_token_bitmask_(work, plan.grammar)
         return work
 
     # ---- logit processors: each edits ``work`` in place for the rows that use it ----

@@ -12,6 +12,7 @@ from quire.config import CacheConfig, ModelConfig
 from quire.models.dtype_policy import choose_dtype
 from quire.models.hf_config import ModelArchConfig
 from quire.models.loader import load_model, read_arch_config
+from quire.structured.manager import StructuredOutputManager
 from quire.worker.host_memory import retain_freed_memory
 from quire.worker.kv_cache import allocate_kv_caches, num_blocks_for_memory
 from quire.worker.model_runner import ModelRunner
@@ -39,7 +40,14 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def build_worker(model_config: ModelConfig, cache_config: CacheConfig, show_progress: bool = True) -> Worker:
+def build_worker(
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    show_progress: bool = True,
+    structured: StructuredOutputManager | None = None,
+) -> Worker:
+    """Load the model, allocate its KV cache and build the runner. ``structured`` is the runner's
+    constrained-decoding hook (None: requests with ``structured_outputs`` are refused)."""
     device = resolve_device(model_config.device)
     arch = read_arch_config(model_config.model)  # a Hugging Face directory or a .gguf file
     dtype_choice = choose_dtype(model_config.dtype, arch.torch_dtype, device)
@@ -73,7 +81,7 @@ def build_worker(model_config: ModelConfig, cache_config: CacheConfig, show_prog
         arch, block_size, dtype, cache_config.kv_cache_memory
     )
     kv_caches = allocate_kv_caches(arch, num_blocks, block_size, dtype, device)
-    runner = ModelRunner(model, kv_caches, block_size, arch.vocab_size, device)
+    runner = ModelRunner(model, kv_caches, block_size, arch.vocab_size, device, structured=structured)
     logger.info(
         "KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size
     )

@@ -7,14 +7,21 @@ limit on an estimate (429) -> tokenize (off the event loop when long) and valida
 limit settled on the real counts -> backpressure again. It returns the running ``Generation``.
 ``precheck`` makes the refusals that need no prompt, for routes with costly work before
 ``submit`` (chat templates).
+
+A request that leaves ``max_tokens`` unset (``params.max_tokens`` is None) gets the server's
+default (``--generation-config``'s ``max_new_tokens``) as a cap, not a demand: once the prompt is
+tokenized, each prompt's limit is the default or the room its prompt leaves in the context,
+whichever is less, so a default can never make a request the context could serve a 400. Without
+a default, None keeps its meaning, the rest of the context. A ``max_tokens`` the request set
+itself is checked as given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
 from quire.core.request import EngineCoreRequest
@@ -56,20 +63,18 @@ async def submit(
     _check_sequence_count(state, new_seqs)
     _check_prompt_size(state, prompts)
     _check_backpressure(state, client, new_seqs)
-    max_model_len = client.info.max_model_len if client.info else 0
-    charged = sum(_token_estimate(_guess_tokens(p), params, max_model_len) for p in prompts)
+    limit = _TokenLimit(params, state.settings.sampling_defaults.max_tokens, processor.max_model_len)
+    charged = sum(limit.estimate(_guess_tokens(p)) for p in prompts)
     _charge(state, tenant, charged)
     try:
         requests = [
             await _make_request(
-                state, processor, client.new_request_id(), p, params, priority, tenant.cache_salt
+                state, processor, client.new_request_id(), p, limit, priority, tenant.cache_salt
             )
             for p in prompts
         ]
         ctx.prompt_tokens = sum(len(processed.token_ids) for processed, _ in requests)
-        estimate = sum(
-            _token_estimate(len(processed.token_ids), params, max_model_len) for processed, _ in requests
-        )
+        estimate = sum(limit.estimate(len(processed.token_ids)) for processed, _ in requests)
         settled = state.limiter.settle(tenant.name, charged, estimate)
         # Settled either way (a refusal has given the charge back): from here on the estimate is
         # the Generation's to refund, and a refund of ``charged`` below would be a second one.
@@ -101,10 +106,8 @@ def precheck(state: ServerState, tenant: Tenant, params: SamplingParams, num_pro
     _check_sequence_count(state, new_seqs)
     _check_backpressure(state, client, new_seqs)
     max_model_len = client.info.max_model_len if client.info else 0
-    # The least ``submit`` will charge for any prompt: never a false "can never be admitted".
-    # (Without max_tokens the estimate p + n*(len - p) is at least the context length.)
-    least = 1 + params.n * params.max_tokens if params.max_tokens else max(1, max_model_len)
-    decision = state.limiter.peek(tenant.name, least * num_prompts)
+    limit = _TokenLimit(params, state.settings.sampling_defaults.max_tokens, max_model_len)
+    decision = state.limiter.peek(tenant.name, limit.least_estimate() * num_prompts)
     if not decision.allowed:
         _rate_limit_refusal(state, decision)
 
@@ -186,10 +189,51 @@ def _guess_tokens(prompt: PromptType) -> int:
 _CHARS_PER_TOKEN_GUESS = 6
 
 
-def _token_estimate(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> int:
-    """What a request may cost: its prompt, plus every sequence running to its token limit."""
-    max_new = params.max_tokens or max(0, max_model_len - num_prompt_tokens)
-    return num_prompt_tokens + params.n * max_new
+@dataclasses.dataclass(frozen=True)
+class _TokenLimit:
+    """How many tokens each sequence of a prompt may generate: the request's ``max_tokens`` as
+    given; or, left unset (None), the server's ``default`` capped by the room the prompt leaves in
+    the context; or, with no default either, that room."""
+
+    params: SamplingParams
+    default: int | None
+    max_model_len: int
+
+    def max_new_tokens(self, num_prompt_tokens: int) -> int:
+        if self.params.max_tokens is not None:
+            return self.params.max_tokens
+        room = max(0, self.max_model_len - num_prompt_tokens)
+        if self.default is None:
+            return room
+        # min_tokens is the request's own ask and outranks the server's default; if it exceeds
+        # the room, the engine's context check refuses the request with both numbers.
+        return max(min(self.default, room), self.params.min_tokens)
+
+    def params_for(self, num_prompt_tokens: int) -> SamplingParams:
+        """The engine's parameters for a prompt of ``num_prompt_tokens``: unchanged unless a
+        default applies and the prompt leaves room (if it leaves none, the engine's own check
+        says so)."""
+        params = self.params
+        if params.max_tokens is not None or self.default is None or num_prompt_tokens >= self.max_model_len:
+            return params
+        return dataclasses.replace(params, max_tokens=self.max_new_tokens(num_prompt_tokens))
+
+    def estimate(self, num_prompt_tokens: int) -> int:
+        """What a request may cost: its prompt, plus every sequence running to its token limit."""
+        return num_prompt_tokens + self.params.n * self.max_new_tokens(num_prompt_tokens)
+
+    def least_estimate(self) -> int:
+        """The least ``estimate`` of any prompt (at least 1 token; it must leave room for one
+        generated token), so that a check on it never refuses a request ``submit`` would admit."""
+        # Without a request max_tokens, p + n * max_new_tokens(p) rises with p while a default
+        # binds, then falls (n >= 1) until the room reaches 1, or min_tokens where a default
+        # applies (longer prompts are refused). So its least value over the prompts admitted is at
+        # one end of that range.
+        floor = self.params.min_tokens if self.default is not None else 1
+        longest = self.max_model_len - max(floor, 1)
+        if self.params.max_tokens is not None or longest <= 1:
+            return self.estimate(1)
+        return min(self.estimate(1), self.estimate(longest))
 
 
 def _charge(state: ServerState, tenant: Tenant, tokens: int) -> None:
@@ -233,11 +277,11 @@ async def _make_request(
     processor: InputProcessor,
     engine_id: str,
     prompt: PromptType,
-    params: SamplingParams,
+    limit: _TokenLimit,
     priority: int,
     cache_salt: bytes,
 ) -> tuple[ProcessedPrompt, EngineCoreRequest]:
-    prepare = functools.partial(_prepare, processor, engine_id, prompt, params, priority, cache_salt)
+    prepare = functools.partial(_prepare, processor, engine_id, prompt, limit, priority, cache_salt)
     text = _prompt_text(prompt)
     result = await asyncio.to_thread(prepare) if text and len(text) >= OFFLOAD_TOKENIZE_CHARS else prepare()
     if isinstance(result, _Rejected):
@@ -256,7 +300,7 @@ async def tokenize_text(state: ServerState, text: str, add_special_tokens: bool)
     return tokenizer.encode(text, add_special_tokens)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Rejected:
     message: str
     too_long: bool
@@ -266,7 +310,7 @@ def _prepare(
     processor: InputProcessor,
     engine_id: str,
     prompt: PromptType,
-    params: SamplingParams,
+    limit: _TokenLimit,
     priority: int,
     cache_salt: bytes,
 ) -> tuple[ProcessedPrompt, EngineCoreRequest] | _Rejected:
@@ -274,6 +318,7 @@ def _prepare(
     and a refusal says whether the prompt did not fit the context."""
     try:
         processed = processor.process_prompt(prompt)
+        params = limit.params_for(len(processed.token_ids))
     except ValueError as exc:
         return _Rejected(str(exc), too_long=False)
     if isinstance(prompt, str):

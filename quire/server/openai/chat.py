@@ -8,6 +8,10 @@ Before the template runs: the priority grant, the rate limit (``precheck``), the
 (template source from a request only with ``--trust-request-chat-template``; no template argument
 may replace ``messages``, ``add_generation_prompt``, ``tools``...) and the prompt-size limit. The
 render and the tokenizing then run in a worker thread, bounded by ``RenderLimits``.
+
+Tools (``tool_choice.py``): the request's tools reach the template as its ``tools`` variable, an
+enforced ``tool_choice`` becomes the request's grammar, and the output is read for calls
+(``tool_output.py``) in the stream and in the whole answer alike.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from quire.server.openai.admission import (
 from quire.server.openai.logprobs import chat_logprobs
 from quire.server.openai.protocol import ChatCompletionRequest, ChatMessage
 from quire.server.openai.streaming import collect_choices, stream_chunks
+from quire.server.openai.tool_choice import ToolPlan, plan_tools
+from quire.server.openai.tool_output import StreamedToolCalls, chat_message, finish_reason
 from quire.server.settings import ServerSettings
 from quire.server.sse import ChunkFramer, SSEResponse
 from quire.server.state import ServerState, context, server_state
@@ -53,6 +59,7 @@ async def render_chat_prompt(
     template_kwargs: dict[str, Any] | None = None,
     chat_template: str | None = None,
     max_prompt_bytes: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[int]]:
     """The templated prompt and its token ids, rendered and tokenized in a worker thread so that
     neither blocks the event loop. Raises ``ValueError`` (a 400) if the template rejects the
@@ -60,11 +67,11 @@ async def render_chat_prompt(
     more than ``max_prompt_bytes`` (checked before tokenizing it).
 
     ``chat_template`` must already be vetted (see :func:`check_request_template`); one in
-    ``template_kwargs`` is ignored."""
+    ``template_kwargs`` is ignored. ``tools`` reach the template as its ``tools`` variable."""
     dicts = [m.template_dict() for m in messages]
     kwargs = {k: v for k, v in (template_kwargs or {}).items() if k != "chat_template"}
     work = asyncio.to_thread(
-        _render, tokenizer, dicts, add_generation_prompt, chat_template, kwargs, max_prompt_bytes
+        _render, tokenizer, dicts, add_generation_prompt, chat_template, kwargs, max_prompt_bytes, tools
     )
     try:
         return await asyncio.wait_for(work, _RENDER_TIMEOUT_S)
@@ -81,9 +88,14 @@ def _render(
     chat_template: str | None,
     kwargs: dict[str, Any],
     max_prompt_bytes: int | None,
+    tools: list[dict[str, Any]] | None,
 ) -> tuple[str, list[int]]:
     text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        tools=tools,
+        chat_template=chat_template,
+        **kwargs,
     )
     if max_prompt_bytes is not None and (size := len(text.encode("utf-8"))) > max_prompt_bytes:
         raise prompt_too_large(size, max_prompt_bytes, "messages")
@@ -134,15 +146,19 @@ def check_request_template(
 def _check_message_size(messages: list[ChatMessage], state: ServerState) -> None:
     # The prompt holds every message's text: refuse what the prompt limit could never admit
     # before paying for the render and the tokenizing.
-    size = sum(len(m.template_dict()["content"].encode("utf-8")) for m in messages)
+    size = sum(len(m.text.encode("utf-8")) for m in messages)
+    size += sum(len(c.function.arguments.encode("utf-8")) for m in messages for c in m.tool_calls or ())
     check_prompt_bytes(state, size, "messages")
 
 
 class _Formatter:
-    """Chat chunk choices: ``{"index", "delta", "logprobs", "finish_reason"}``."""
+    """Chat chunk choices: ``{"index", "delta", "logprobs", "finish_reason"}``. When the output is
+    read for tool calls, text goes through ``StreamedToolCalls``: one engine delta may become
+    several chunks (a call's header, then its arguments), or none while text is held back."""
 
-    def __init__(self, top_logprobs: int | None) -> None:
+    def __init__(self, top_logprobs: int | None, tools: ToolPlan) -> None:
         self.top_logprobs = top_logprobs
+        self.calls = StreamedToolCalls(tools) if tools.parses_output else None
 
     def opening(self, index: int) -> dict[str, Any] | None:
         return {
@@ -152,17 +168,29 @@ class _Formatter:
             "finish_reason": None,
         }
 
-    def delta(self, index: int, seq: CompletionOutput) -> dict[str, Any]:
+    def delta(self, index: int, seq: CompletionOutput) -> list[dict[str, Any]]:
         logprobs = None
         if self.top_logprobs is not None and seq.logprobs is not None:
             logprobs = {
                 "content": chat_logprobs(seq.token_ids, seq.logprobs, self.top_logprobs),
                 "refusal": None,
             }
-        return {"index": index, "delta": {"content": seq.text}, "logprobs": logprobs, "finish_reason": None}
+        if self.calls is None:
+            return [
+                {"index": index, "delta": {"content": seq.text}, "logprobs": logprobs, "finish_reason": None}
+            ]
+        chunks = self.calls.feed(index, seq.text)
+        if logprobs is not None:
+            # Logprobs go out with their tokens' first chunk, or alone while the text is held back.
+            chunks = chunks or [{"index": index, "delta": {}, "logprobs": None, "finish_reason": None}]
+            chunks[0]["logprobs"] = logprobs
+        return chunks
 
-    def closing(self, index: int, seq: CompletionOutput) -> dict[str, Any]:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": seq.finish_reason}
+    def closing(self, index: int, seq: CompletionOutput) -> list[dict[str, Any]]:
+        chunks = self.calls.finish(index) if self.calls is not None else []
+        called = self.calls is not None and self.calls.called(index)
+        reason = finish_reason(seq.finish_reason, called)
+        return [*chunks, {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
 
 
 @router.post("/v1/chat/completions")
@@ -170,9 +198,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state, ctx = server_state(request), context(request)
     ctx.model, ctx.stream = body.model or state.model_name, body.stream
     state.check_model(body.model)
-    body.check_supported()
+    tools = plan_tools(body, state.settings)
     top_logprobs = body.num_logprobs()
-    params = body.sampling_params(body.max_new_tokens(), top_logprobs)
+    defaults = state.settings.sampling_defaults
+    params = tools.apply(body.sampling_params(body.max_new_tokens(), top_logprobs, defaults))
     client = state.engine()
     assert client.tokenizer is not None and ctx.auth is not None
     check_priority(state, ctx.auth, body.priority)  # submit checks it too; here before the render's cost
@@ -186,6 +215,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         body.chat_template_kwargs,
         template,
         state.settings.max_prompt_bytes,
+        tools.template_tools,
     )
     if state.settings.log_prompts:
         ctx.prompt_text = text
@@ -195,7 +225,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     head = {"id": f"chatcmpl-{ctx.request_id}", "object": "chat.completion.chunk", "created": created}
     head["model"] = state.model_name
     if body.stream:
-        formatter = _Formatter(top_logprobs)
+        formatter = _Formatter(top_logprobs, tools)
         return SSEResponse(
             stream_chunks(gen, ChunkFramer(head, body.include_usage), formatter, body.include_usage)
         )
@@ -209,12 +239,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 "content": chat_logprobs(choice.token_ids, choice.logprobs, top_logprobs),
                 "refusal": None,
             }
+        message = chat_message(choice.text, tools)
         out.append(
             {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": finish_reason(choice.finish_reason, "tool_calls" in message),
                 "stop_reason": choice.stop_reason,
             }
         )

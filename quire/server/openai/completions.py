@@ -52,7 +52,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     ctx.model, ctx.stream = body.model or state.model_name, body.stream
     state.check_model(body.model)
     body.check_supported()
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    defaults = state.settings.sampling_defaults
+    params = body.sampling_params(body.max_new_tokens(defaults), body.logprobs, defaults)
     if state.settings.log_prompts:
         ctx.prompt_text = body.prompt
     assert ctx.auth is not None

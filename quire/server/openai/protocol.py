@@ -2,7 +2,10 @@
 
 Field names are OpenAI's where OpenAI has the parameter, vLLM's for the extensions (``top_k``,
 ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``priority``,
-...), so clients written for either work unchanged. Unknown fields are ignored, as OpenAI does.
+...), so clients written for either work unchanged. Unknown fields are refused with a 400 naming
+them (``field_policy.py`` says which fields are accepted as no-ops and why), never ignored: a
+client must not believe something was done that was not. Structured output arrives in three
+spellings (``structured_fields.py``) and leaves as one ``StructuredOutputsParams``.
 Range checks live in ``SamplingParams`` (one place, one wording); a bad value becomes a 400.
 Here only what must hold before anything else runs: every integer fits 64 bits (tighter where the
 meaning allows), so no value can pass validation and then fail to serialize for the engine after
@@ -15,11 +18,28 @@ per-token streaming chunks are too hot a path for pydantic models.
 
 from __future__ import annotations
 
+import json
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from quire.sampling import MAX_LOGPROBS, SamplingParams
+from quire.server.generation_defaults import SamplingDefaults
+from quire.server.openai.structured_fields import structured_outputs_of
+from quire.server.openai.tool_schema import check_parameters_schema, template_tool_call
+from quire.structured.params import StructuredOutputsParams
 
 MAX_N = 128
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -67,11 +87,79 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class StreamOptions(_Body):
+class _Strict(_Body):
+    # Request bodies: a field quire does not declare is a 400 (see field_policy.py).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _only(field: str, accepted: tuple[Any, ...], why: str) -> Any:
+    """A validator accepting ``None`` or one of ``accepted`` for a field quire treats as a no-op."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in accepted:
+            shown = " or ".join(json.dumps(a) for a in accepted)
+            raise ValueError(
+                f"{field}: {json.dumps(value)} is not supported ({why}); send {shown} or leave it out"
+            )
+        return value
+
+    return field_validator(field)(check)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+    _obfuscation = _only("include_obfuscation", (False,), "quire adds no obfuscation padding to streams")
 
 
-class _SamplingFields(_Body):
+class JsonSchemaSpec(_Strict):
+    """OpenAI's ``response_format.json_schema``; see ``structured_fields.py``."""
+
+    name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    # Aliased: "schema" (and "json" below) would shadow pydantic's own attributes.
+    schema_: JsonObject | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's ``structured_outputs`` request object."""
+
+    json_: JsonObject | StrictText | None = Field(None, alias="json")
+    regex: StrictText | None = None
+    choice: list[StrictText] | None = None
+    grammar: StrictText | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # a no-op: quire's grammar engine has no fallback
+
+
+class _ChatNoOpFields(_Strict):
+    """OpenAI chat fields accepted although quire does nothing with them (see field_policy.py)."""
+
+    metadata: dict[Text, Text] | None = None
+    store: bool | None = None
+    service_tier: Text | None = None
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
+    prompt_cache_retention: Text | None = None
+    modalities: list[Text] | None = None
+
+    _store = _only("store", (False,), "quire keeps no completions to store")
+    _tier = _only("service_tier", ("auto", "default"), "quire has one service tier")
+    _retention = _only("prompt_cache_retention", ("in_memory",), "quire's prefix cache is in memory")
+    _modalities = _only("modalities", (["text"],), "quire generates text only")
+
+
+class _SamplingFields(_Strict):
     """Parameters shared by completions and chat completions."""
 
     model: Text | None = None
@@ -96,20 +184,40 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int64 = 0
+    # Structured output, in OpenAI's and vLLM's spellings (see structured_fields.py).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: JsonObject | StrictText | None = None
+    guided_regex: StrictText | None = None
+    guided_choice: list[StrictText] | None = None
+    guided_grammar: StrictText | None = None
+    guided_decoding_backend: Text | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters; raises ``ValueError`` (a 400) for out-of-range values."""
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The output constraint the request asks for, or None; a 400 ``APIError`` naming the
+        field for a malformed or doubled ask."""
+        return structured_outputs_of(self)
+
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, defaults: SamplingDefaults | None = None
+    ) -> SamplingParams:
+        """The engine's parameters; raises ``ValueError`` (a 400) for out-of-range values.
+
+        ``defaults`` (``--generation-config``) fill what the request leaves unset; without them
+        quire's neutral values apply. ``max_tokens`` None stays None: admission turns it into the
+        default ``max_tokens`` capped by the room the prompt leaves (``admission.py``)."""
+        d = defaults or SamplingDefaults()
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            temperature=_first(self.temperature, d.temperature, 1.0),
+            top_p=_first(self.top_p, d.top_p, 1.0),
+            top_k=_first(self.top_k, d.top_k, 0),
+            min_p=_first(self.min_p, d.min_p, 0.0),
+            repetition_penalty=_first(self.repetition_penalty, d.repetition_penalty, 1.0),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=self.logit_bias,  # str keys: SamplingParams parses and bounds them
@@ -122,7 +230,12 @@ class _SamplingFields(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured_outputs_params(),
         )
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
 
 
 Prompt = StrictText | list[StrictText] | list[TokenId] | list[list[TokenId]]
@@ -137,6 +250,14 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: Count | None = None
     suffix: Text | None = None
+
+    def max_new_tokens(self, defaults: SamplingDefaults | None) -> int | None:
+        """OpenAI's default of 16 applies when the request leaves ``max_tokens`` out, unless the
+        server's defaults (``--generation-config``) give one: then None, which admission caps by
+        the room the prompt leaves in the context."""
+        if "max_tokens" not in self.model_fields_set and defaults is not None and defaults.max_tokens:
+            return None
+        return self.max_tokens
 
     def prompts(self) -> list[str | dict[str, Any]]:
         """One engine prompt per entry: strings as text, token lists as ``prompt_token_ids``."""
@@ -167,24 +288,128 @@ class TextPart(_Body):
     text: StrictText
 
 
+# Content part types of OpenAI's API that carry media: refused by name, not as a type mismatch.
+_MEDIA_PARTS = MappingProxyType(
+    {
+        "image_url": "images are",
+        "input_image": "images are",
+        "image": "images are",
+        "input_audio": "audio is",
+        "audio": "audio is",
+        "file": "files are",
+        "input_file": "files are",
+        "video_url": "videos are",
+    }
+)
+
+
+def _text_parts_only(content: Any) -> Any:
+    # Before the union is tried, so the client reads why, not that no alternative type matched.
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict) and isinstance(kind := part.get("type"), str) and kind != "text":
+            media = _MEDIA_PARTS.get(kind)
+            if media is not None:
+                raise PydanticCustomError(
+                    "value_error", f"{media} not supported by this server; send text content parts only"
+                )
+            raise PydanticCustomError(
+                "value_error",
+                f"content part type {kind!r} is not supported; send {{'type': 'text', 'text': ...}}",
+            )
+    return content
+
+
+MessageContent = Annotated[StrictText | list[TextPart] | None, BeforeValidator(_text_parts_only)]
+# OpenAI's function names; '.' too, as tool names namespaced by MCP servers use it.
+FunctionName = Annotated[Text, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class FunctionDefinition(_Strict):
+    """A function tool: ``parameters`` is the JSON schema of its arguments (none: no arguments)."""
+
+    name: FunctionName
+    description: Text | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            check_parameters_schema(schema)
+        return schema
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    """``{"type": "function", "function": {"name": ...}}``: call exactly this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ToolCallFunction(_Body):
+    name: Text
+    arguments: StrictText  # JSON text, as the model (or the client) wrote it
+
+
+class ToolCallRef(_Body):
+    """A call an earlier assistant message made (sent back as conversation history)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictText | list[TextPart] | None = None
+    content: MessageContent = None
     name: Text | None = None
+    tool_calls: list[ToolCallRef] | None = None
+    tool_call_id: Text | None = None
 
-    def template_dict(self) -> dict[str, Any]:
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r} ones")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The message's text: content parts joined."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            return "".join(part.text for part in content)
+        return content or ""
+
+    def template_dict(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
         role = "system" if self.role == "developer" else self.role
-        message: dict[str, Any] = {"role": role, "content": content or ""}
+        # Content is always a string: "" for an assistant turn that only called tools (OpenAI
+        # sends null), as vLLM passes it. Templates written for tools test it for truth, so they
+        # render it as transformers renders the documented content-less turn, and templates that
+        # read message['content'] unconditionally do not fail on it.
+        message: dict[str, Any] = {"role": role, "content": self.text}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [template_tool_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, _ChatNoOpFields):
     """``POST /v1/chat/completions``; the chat template is applied server-side."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -196,10 +421,13 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: JsonObject | None = None
     # vLLM's extension: a template name or source (source needs --trust-request-chat-template).
     chat_template: Text | None = None
-    tools: list[JsonObject] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def max_new_tokens(self) -> int | None:
-        """``max_completion_tokens`` wins over the deprecated ``max_tokens``; None = rest of the context."""
+        """``max_completion_tokens`` wins over the deprecated ``max_tokens``; None = the server's
+        default capped by the rest of the context, or the rest of the context."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def num_logprobs(self) -> int | None:
@@ -207,12 +435,8 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def check_supported(self) -> None:
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
 
-
-class TokenizeRequest(_Body):
+class TokenizeRequest(_Strict):
     """``POST /tokenize``: ``prompt`` text, or chat ``messages`` rendered with the template."""
 
     model: Text | None = None
@@ -222,6 +446,6 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_Strict):
     model: Text | None = None
     tokens: list[TokenId]

@@ -41,11 +41,16 @@ class ChoiceFormatter(Protocol):
     def opening(self, index: int) -> dict[str, Any] | None:
         """A chunk to send for each choice before any token (chat: the role), or None."""
 
-    def delta(self, index: int, seq: CompletionOutput) -> dict[str, Any]:
-        """The choice object carrying this delta's text (and logprobs)."""
+    def delta(self, index: int, seq: CompletionOutput) -> dict[str, Any] | list[dict[str, Any]]:
+        """The choice object carrying this delta's text (and logprobs); or several, each sent
+        as its own chunk, or none (an empty list) while text is held back (tool-call parsing)."""
 
-    def closing(self, index: int, seq: CompletionOutput) -> dict[str, Any]:
-        """The choice object carrying the finish reason."""
+    def closing(self, index: int, seq: CompletionOutput) -> dict[str, Any] | list[dict[str, Any]]:
+        """The choice object carrying the finish reason (last, after any held-back text)."""
+
+
+def _each(choices: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return choices if isinstance(choices, list) else [choices]
 
 
 def stream_chunks(
@@ -99,12 +104,12 @@ async def _chunks(
                 if index in finished:
                     continue
                 if seq.token_ids or seq.text:
-                    parts.append(framer.choice(formatter.delta(index, seq)))
+                    parts.extend(framer.choice(c) for c in _each(formatter.delta(index, seq)))
                     if texts is not None:
                         texts.setdefault(index, []).append(seq.text)
                 if seq.finish_reason is not None:
                     finished.add(index)
-                    parts.append(framer.choice(formatter.closing(index, seq)))
+                    parts.extend(framer.choice(c) for c in _each(formatter.closing(index, seq)))
             if parts:
                 yield b"".join(parts)
         gen.close()
