@@ -317,6 +317,128 @@ def test_default_requests_of_the_sdk_and_langchain_are_accepted(proxied: ServerP
     assert len(seen) == 6 and {"stream_options", "max_completion_tokens"} <= set().union(*seen)
 
 
+# -- messages: what clients send back, and what is refused -------------------------------------------
+
+
+def test_sdk_answers_go_back_into_messages(proxied: ServerProcess) -> None:
+    # The openai SDK's idiom: messages.append(completion.choices[0].message). The message object is
+    # sent back with what the answer carried (refusal: null) and, from the stream helper, more
+    # (annotations, audio, function_call, parsed: null); none of it may be refused or reach the prompt.
+    client = openai.OpenAI(base_url=f"{proxied.url}/v1", api_key=KEY, max_retries=0)
+    messages: list[Any] = [*HI]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    messages += [first.choices[0].message, {"role": "user", "content": "more"}]
+    # The helper refuses an answer cut off by max_tokens; an EOS pushed to the top ends this one.
+    [eos] = _tokenize(proxied, {"prompt": "<|im_end|>", "add_special_tokens": False})
+    with client.chat.completions.stream(
+        model="tiny", messages=messages, max_tokens=3, logit_bias={str(eos): 100}
+    ) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0].message
+    sent = streamed.model_dump(exclude_unset=True, mode="json")
+    assert {"refusal", "annotations", "audio", "function_call", "parsed"} <= set(sent), sent
+    messages += [streamed, {"role": "user", "content": "and?"}]
+    last = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    echoed = [m if isinstance(m, dict) else m.model_dump(exclude_unset=True, mode="json") for m in messages]
+    plain = [{"role": m["role"], "content": m["content"]} for m in echoed]
+    assert _rendered(proxied, echoed) == _rendered(proxied, plain)
+    assert last.usage is not None and last.usage.prompt_tokens == len(_tokenize(proxied, {"messages": plain}))
+
+
+_ANSWER = {"role": "assistant", "content": "4"}
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "words"),
+    [
+        ({**_ANSWER, "frobnicate": 1}, "messages.1.frobnicate", "Unrecognized request parameter"),
+        (  # the legacy call field: it used to vanish from the history
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+            "messages.1.function_call",
+            "tool_calls",
+        ),
+        ({**_ANSWER, "reasoning_content": "2 + 2"}, "messages.1.reasoning_content", "reasoning"),
+        ({**_ANSWER, "prefix": True}, "messages.1.prefix", "prefix"),
+        ({**_ANSWER, "refusal": "I can't"}, "messages.1.refusal", "refusal"),
+        ({**_ANSWER, "audio": {"id": "audio_1"}}, "messages.1.audio", "audio"),
+        (
+            {**_ANSWER, "annotations": [{"type": "url_citation", "url_citation": {}}]},
+            "messages.1.annotations",
+            "annotations",
+        ),
+        (
+            {
+                **_ANSWER,
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}, "x": 1}
+                ],
+            },
+            "messages.1.tool_calls.0.x",
+            "'messages.1.tool_calls.0.x'",
+        ),
+        (
+            {
+                **_ANSWER,
+                "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}", "strict": True}}],
+            },
+            "messages.1.tool_calls.0.function.strict",
+            "'messages.1.tool_calls.0.function.strict'",
+        ),
+        (
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "4", "cache_control": {"type": "ephemeral"}}],
+            },
+            "messages.1.content",
+            "'content.0.cache_control'",
+        ),
+    ],
+)
+def test_unknown_or_meaningful_message_fields_are_refused(
+    proxied: ServerProcess, message: dict[str, Any], param: str, words: str
+) -> None:
+    messages = [*HI, message, {"role": "user", "content": "and?"}]
+    error = _error(_post(proxied, "chat/completions", messages=messages, max_tokens=1))
+    assert error["param"] == param and words in error["message"], error
+    # The same message through /tokenize: the same refusal.
+    response = httpx.post(
+        f"{proxied.url}/tokenize", json={"messages": messages}, headers=_headers(), timeout=30
+    )
+    assert _error(response)["param"] == param
+
+
+def test_echoed_fields_with_their_no_op_values_are_accepted(proxied: ServerProcess) -> None:
+    answer = {
+        **_ANSWER,
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+        "reasoning_content": None,
+        "reasoning": None,
+        "prefix": False,
+        "parsed": {"value": 4},
+        "tool_calls": [],
+    }
+    response = _post(proxied, "chat/completions", messages=[*HI, answer, *HI], max_tokens=1)
+    assert response.status_code == 200, response.text
+
+
+def test_response_format_text_with_a_schema_is_refused(proxied: ServerProcess) -> None:
+    # The schema would be dropped and the answer unconstrained: a 400, as for json_object.
+    schema = {"name": "answer", "schema": {"type": "object"}}
+    for kind in ("text", "json_object"):
+        response_format = {"type": kind, "json_schema": schema}
+        error = _error(
+            _post(proxied, "chat/completions", messages=HI, max_tokens=1, response_format=response_format)
+        )
+        assert error["param"] == "response_format" and "takes no json_schema" in error["message"], error
+    assert _post(
+        proxied, "chat/completions", messages=HI, max_tokens=1, response_format={"type": "text"}
+    ).is_success
+
+
 # -- --generation-config vllm, an inline --chat-template, TLS ----------------------------------------
 
 

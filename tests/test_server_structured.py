@@ -213,7 +213,7 @@ def test_text_response_format_is_unconstrained(server: ServerProcess) -> None:
     [
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
          "response_format", "nonsense"),
-        ({"guided_json": {"type": "object", "properties": {"a": {"type": "string", "format": "bogus"}}}},
+        ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/$defs/bogus"}}}},
          "guided_json", "bogus"),
         ({"structured_outputs": {"json": {"type": "object", "required": 3}}}, "structured_outputs.json", "required"),
         ({"guided_regex": "[a-z"}, "guided_regex", "regex"),
@@ -221,7 +221,7 @@ def test_text_response_format_is_unconstrained(server: ServerProcess) -> None:
         ({"structured_outputs": {"grammar": "start: foo"}}, "structured_outputs.grammar", "foo"),
         ({"guided_grammar": 'root ::= "a" missing'}, "guided_grammar", "missing"),
     ],
-    ids=["schema-type", "schema-format", "so-schema", "regex", "so-regex", "lark", "ebnf"],
+    ids=["schema-type", "schema-dangling-ref", "so-schema", "regex", "so-regex", "lark", "ebnf"],
 )  # fmt: skip
 @pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
 def test_invalid_constraints_are_400s_with_the_engine_message(

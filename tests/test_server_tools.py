@@ -21,6 +21,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import tokenizers
 from pydantic import BaseModel, Field
 
 from quire.sampling import SamplingParams
@@ -28,13 +29,19 @@ from quire.server.errors import APIError
 from quire.server.openai.chat import render_chat_prompt
 from quire.server.openai.protocol import ChatCompletionRequest, FunctionTool
 from quire.server.openai.tool_choice import plan_tools
-from quire.server.openai.tool_schema import closed_objects, named_call_schema, required_calls_schema
+from quire.server.openai.tool_schema import (
+    closed_objects,
+    named_call_schema,
+    parameters_of,
+    required_calls_schema,
+)
 from quire.server.openai.tool_stream import NamedCallStream, RequiredCallsStream
 from quire.server.settings import ServerSettings
 from quire.structured.backend import validate_structured_outputs
 from quire.structured.params import StructuredOutputsParams
 from quire.structured.tool_parsers import assemble
 from quire.tokenizer import Tokenizer
+from quire.tokenizer.detokenizer import IncrementalDetokenizer
 
 from server_fixtures import ServerProcess, running_server
 
@@ -294,6 +301,118 @@ def test_open_objects_are_closed_without_breaking_the_schema() -> None:
     assert "additionalProperties" not in schema  # the caller's schema is left alone
 
 
+_STR = {"type": "string"}
+_BASE = {"type": "object", "properties": {"a": _STR}, "required": ["a"]}
+# (schema, an instance it accepts that closing must keep, an instance closing should refuse or None)
+_CLOSING_CASES: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]] = [
+    (  # allOf branches each list some keys: closing any of them would refuse the others' keys
+        {"type": "object", "allOf": [_BASE, {"properties": {"b": _STR}, "required": ["b"]}]},
+        {"a": "x", "b": "y"},
+        None,
+    ),
+    (  # properties next to an anyOf branch naming another key
+        {**_BASE, "anyOf": [{"properties": {"b": _STR}, "required": ["b"]}]},
+        {"a": "x", "b": "y"},
+        None,
+    ),
+    (  # a $ref with sibling keywords, and the definition it points to
+        {"$ref": "#/$defs/Base", "properties": {"b": _STR}, "required": ["b"], "$defs": {"Base": _BASE}},
+        {"a": "x", "b": "y"},
+        None,
+    ),
+    (  # the inheritance pattern: allOf of a reference and the subclass's own keys
+        {
+            "type": "object",
+            "properties": {"pet": {"allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"b": _STR}}]}},
+            "$defs": {"Base": _BASE},
+        },
+        {"pet": {"a": "x", "b": "y"}},
+        {"pet": {"a": "x", "b": "y"}, "extra": 1},  # the outer object alone decides its keys
+    ),
+    (  # a required key the object does not list
+        {"type": "object", "properties": {"a": _STR}, "required": ["a", "z"]},
+        {"a": "x", "z": 1},
+        None,
+    ),
+    (  # branches that only require listed keys: the object is still closed
+        {
+            "type": "object",
+            "properties": {"a": _STR, "b": _STR},
+            "anyOf": [{"required": ["a"]}, {"required": ["b"]}],
+        },
+        {"b": "y"},
+        {"b": "y", "c": 1},
+    ),
+    (  # anyOf alternatives each describe the whole value: each is closed
+        {"type": "object", "properties": {"v": {"anyOf": [_BASE, {"type": "null"}]}}},
+        {"v": {"a": "x"}},
+        {"v": {"a": "x", "c": 1}},
+    ),
+    (  # a oneOf whose branches a required constant tells apart (pydantic's discriminated union)
+        {
+            "type": "object",
+            "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]}},
+            "$defs": {
+                "Cat": {"type": "object", "properties": {"kind": {"const": "cat"}}, "required": ["kind"]},
+                "Dog": {"type": "object", "properties": {"kind": {"enum": ["dog"]}}, "required": ["kind"]},
+            },
+        },
+        {"pet": {"kind": "dog"}},
+        {"pet": {"kind": "dog", "bark": "woof"}},
+    ),
+    (  # any other oneOf: closed branches could each match what both matched (and oneOf refused)
+        {"type": "object", "oneOf": [{"properties": {"a": _STR}}, {"properties": {"b": _STR}}]},
+        {"a": 1, "b": "x"},  # matches only the second branch
+        None,
+    ),
+    (  # a definition referenced alone is closed, also through recursion to the root
+        {
+            "type": "object",
+            "properties": {"kid": {"$ref": "#/$defs/Base", "description": "d"}, "more": {"$ref": "#"}},
+            "$defs": {"Base": _BASE},
+        },
+        {"kid": {"a": "x"}, "more": {"kid": {"a": "y"}}},
+        {"kid": {"a": "x"}, "more": {"kid": {"a": "y", "c": 1}}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "valid", "refused"), _CLOSING_CASES)
+def test_closing_objects_never_refuses_what_the_schema_needs(
+    schema: dict[str, Any], valid: dict[str, Any], refused: dict[str, Any] | None
+) -> None:
+    closed = closed_objects(schema)
+    jsonschema.Draft202012Validator.check_schema(closed)
+    jsonschema.validate(valid, schema)
+    jsonschema.validate(valid, closed)
+    if refused is not None:
+        jsonschema.validate(refused, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(refused, closed)
+    # The grammar engine compiles it (an unsatisfiable schema would be refused here) whenever it
+    # compiles the schema as given (llguidance refuses a oneOf it cannot prove exclusive).
+    try:
+        validate_structured_outputs(StructuredOutputsParams(json=schema))
+    except ValueError:
+        return
+    validate_structured_outputs(StructuredOutputsParams(json=closed))
+    function = FunctionTool.model_validate(
+        {"type": "function", "function": {"name": "f", "parameters": schema}}
+    ).function
+    validate_structured_outputs(
+        StructuredOutputsParams(json=required_calls_schema([function], parallel=True))
+    )
+
+
+def test_functions_without_parameters_do_not_share_a_schema() -> None:
+    [a, b] = _functions(NO_ARGS, {"type": "function", "function": {"name": "other"}})
+    first = parameters_of(a)
+    first["properties"]["x"] = {"type": "integer"}
+    first["additionalProperties"] = True
+    assert parameters_of(b) == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert named_call_schema(a) == parameters_of(b)
+
+
 REQUIRED_OUTPUT = (
     '[{"name": "search", "arguments": {"query": "a \\"}]\\" b", "filters": [{"site": "x"}]}}, '
     '{"name":"get_time","arguments":{}}]'
@@ -479,6 +598,74 @@ def test_sdk_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
     assert isinstance(call.function.parsed_arguments, Lookup)
 
 
+def test_answers_with_calls_go_back_into_messages(client: openai.OpenAI, server: ServerProcess) -> None:
+    # The agent loop as the SDK documents it: append the answer's message, then one tool message per
+    # call. The plain answer, the .stream() helper's (tool calls with "index", arguments with
+    # "parsed_arguments", annotations/audio/function_call/parsed null) and .parse()'s must all be
+    # accepted and render exactly as the calls written out by hand.
+    messages: list[Any] = [{"role": "user", "content": "weather?"}]
+    kwargs: dict[str, Any] = dict(model=MODEL, tools=TOOLS, max_tokens=200, seed=4)
+    plain = (
+        client.chat.completions.create(messages=messages, tool_choice="required", **kwargs).choices[0].message
+    )
+    with client.chat.completions.stream(
+        messages=messages, tool_choice={"type": "function", "function": {"name": "get_weather"}}, **kwargs
+    ) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0].message
+    parsed = (
+        client.chat.completions.parse(
+            model=MODEL,
+            messages=messages,
+            tools=[openai.pydantic_function_tool(Lookup)],
+            tool_choice={"type": "function", "function": {"name": "Lookup"}},
+            max_tokens=100,
+        )
+        .choices[0]
+        .message
+    )
+    by_hand: list[dict[str, Any]] = list(messages)
+    for answer in (plain, streamed, parsed):
+        assert answer.tool_calls
+        messages.append(answer)
+        by_hand.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": c.function.arguments},
+                    }
+                    for c in answer.tool_calls
+                ],
+            }
+        )
+        for call in answer.tool_calls:
+            result = {"role": "tool", "tool_call_id": call.id, "content": '{"ok": true}'}
+            messages.append(result)
+            by_hand.append(result)
+    sent = streamed.model_dump(exclude_unset=True, mode="json")
+    assert "index" in sent["tool_calls"][0] and "parsed_arguments" in sent["tool_calls"][0]["function"]
+    assert (
+        "parsed_arguments" in parsed.model_dump(exclude_unset=True, mode="json")["tool_calls"][0]["function"]
+    )
+    answer = client.chat.completions.create(
+        messages=messages, tool_choice="none", **{**kwargs, "max_tokens": 1}
+    )
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": by_hand, "tool_choice": "none", **kwargs, "max_tokens": 1},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert (
+        answer.usage is not None and answer.usage.prompt_tokens == response.json()["usage"]["prompt_tokens"]
+    )
+
+
 def test_stream_chunk_sequence_is_openais(server: ServerProcess) -> None:
     body = {
         "model": MODEL,
@@ -548,6 +735,14 @@ def test_auto_parses_a_hermes_call(client: openai.OpenAI) -> None:
 # -- refusals ------------------------------------------------------------------------------------
 
 
+def _deep(levels: int) -> dict[str, Any]:
+    """An arguments schema of objects nested ``levels`` deep."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 def _post(server: ServerProcess, body: dict[str, Any]) -> httpx.Response:
     base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     return httpx.post(f"{server.url}/v1/chat/completions", json={**base, **body}, timeout=30)
@@ -573,6 +768,10 @@ def _post(server: ServerProcess, body: dict[str, Any]) -> httpx.Response:
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
             '"type": "object"',
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": _deep(300)}}]},
+            "levels deep",
         ),
         ({"tools": [NO_ARGS, NO_ARGS], "tool_choice": "required"}, "more than once"),
         (
@@ -655,6 +854,29 @@ def test_auto_needs_the_servers_flags() -> None:
         ServerSettings(enable_auto_tool_choice=True)
     with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'"):
         ServerSettings(tool_call_parser="qwen")
+
+
+def test_hermes_tags_that_are_special_tokens_reach_the_parser(model_dir: Path) -> None:
+    # Hermes 2 Pro and Hermes 3 make <tool_call> and </tool_call> special tokens. The output of an
+    # "auto" request is detokenized as the plan says; with the tags skipped, the call's JSON would
+    # reach the client as content.
+    backend = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    backend.add_special_tokens(
+        [tokenizers.AddedToken(t, special=True) for t in ("<tool_call>", "</tool_call>")]
+    )
+    tokenizer = Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>"})
+    output = 'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    ids = tokenizer.encode(output, add_special_tokens=False)
+    assert {tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>")} <= set(ids)
+    body = ChatCompletionRequest.model_validate({"messages": CONVERSATION, "tools": TOOLS})
+    plan = plan_tools(body, ServerSettings(enable_auto_tool_choice=True, tool_call_parser="hermes"))
+    params = plan.apply(SamplingParams())
+    detokenizer = IncrementalDetokenizer(tokenizer, [], params.skip_special_tokens)
+    text = "".join(detokenizer.add_tokens([i]) for i in ids) + detokenizer.finish()
+    assert text == output
+    stream = plan.new_stream()
+    parsed = assemble([stream.feed(text), stream.finish()])
+    assert parsed.content == "Sure." and [c.name for c in parsed.tool_calls] == ["get_time"]
 
 
 def _refusal(body: ChatCompletionRequest, settings: ServerSettings) -> str:

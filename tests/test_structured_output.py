@@ -448,3 +448,81 @@ def test_backend_registry_and_protocol() -> None:
     assert isinstance(backend_class, type) and callable(backend_class.validate)
     with pytest.raises(ValueError, match="unknown structured output backend"):
         get_backend_class("nope")
+
+
+def _ref_chain(depth: int) -> dict:
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(depth)}
+    defs[f"d{depth}"] = {"type": "string", "maxLength": 8}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def test_deep_ref_chains_and_rule_chains_do_not_overflow_the_stack(llm: LLM) -> None:
+    """llguidance compiles recursively: a 3,000-deep $ref chain (106 KB) or Lark rule chain
+    used to overflow an 8 MiB thread stack and kill the process with a segfault. Validation and
+    compilation run on a large-stack thread, so both compile and generate."""
+    chain = _ref_chain(3000)
+    validate_structured_outputs(Structured(json=chain))
+    lark = "start: r0\n" + "\n".join(f'r{i}: "x" r{i + 1}' for i in range(3000)) + '\nr3000: "y"\n'
+    validate_structured_outputs(Structured(grammar=lark))
+    (first,) = texts(llm.generate(prompts(1), constrained(json=chain, seed=1)))
+    value = json.loads(first)  # the chain ends in a string of at most 8 characters
+    assert isinstance(value, str) and len(value) <= 8
+    # The rule chain forces 3,000 "x" then "y": max_tokens cuts it, every token on the path.
+    (cut,) = llm.generate(prompts(1), constrained(grammar=lark, max_tokens=20, seed=2))[0].outputs
+    assert cut.finish_reason == "length" and cut.text and set(cut.text) == {"x"}
+
+
+def test_schema_options_cannot_loosen_the_output(llm: LLM) -> None:
+    """A schema's own llguidance "x-guidance" options cannot change the separators (" = " is not
+    JSON), turn whitespace back on or skip keywords the engine does not implement."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+        "x-guidance": {"key_separator": " = ", "item_separator": " ; ", "whitespace_flexible": True},
+    }
+    results = llm.generate(prompts(6), constrained(json=schema, seed=3))
+    for text in texts(results):
+        assert json.loads(text) == {"a": json.loads(text)["a"]} and " " not in text
+    with pytest.raises(ValueError, match="Unimplemented"):
+        validate_structured_outputs(
+            Structured(
+                json={
+                    "type": "object",
+                    "not_a_keyword_x": 1,
+                    "if": {"weird": 1},
+                    "x-guidance": {"lenient": True},
+                }
+            )
+        )
+
+
+def test_unknown_string_formats_are_annotations_not_errors(llm: LLM) -> None:
+    """JSON Schema's "format" is an annotation validators need not check; pydantic writes formats
+    llguidance does not know (SecretStr: "password", bytes: "binary", Path: "path"). They are
+    dropped, the known ones (e.g. "uuid") still enforced."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "secret": {"type": "string", "format": "password", "maxLength": 6},
+            "id": {"type": "string", "format": "uuid"},
+            "choice": {"enum": [{"format": "kept as data"}]},
+        },
+        "required": ["secret", "id", "choice"],
+        "additionalProperties": False,
+    }
+    results = llm.generate(prompts(4), constrained(json=schema, seed=4))
+    for text in texts(results):
+        value = json.loads(text)
+        jsonschema.validate(value, schema)
+        assert re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", value["id"])
+        assert value["choice"] == {"format": "kept as data"}
+
+
+def test_deeply_nested_schemas_are_value_errors() -> None:
+    deep: dict = {"type": "string"}
+    for _ in range(2000):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(ValueError, match="deep|recursion"):
+        validate_structured_outputs(Structured(json=deep))

@@ -68,6 +68,19 @@ WELL_FORMED: list[tuple[str, str, str | None, list[Call]]] = [
             )
         ],
     ),
+    (  # the tags inside an argument string do not end the block: the object does
+        "hermes",
+        '<tool_call>\n{"name": "write_file", "arguments": {"text": "a </tool_call> b <tool_call> c", '
+        '"n": "</tool_"}}\n</tool_call>\nSaved.',
+        "Saved.",
+        [("write_file", {"text": "a </tool_call> b <tool_call> c", "n": "</tool_"})],
+    ),
+    (  # ... also right after the opening tag, with no spacing, and as the whole argument
+        "hermes",
+        '<tool_call>{"name":"f","arguments":{"x":"</tool_call>"}}</tool_call>',
+        None,
+        [("f", {"x": "</tool_call>"})],
+    ),
     (  # the model stopped at EOS right after the object, before the closing tag
         "hermes",
         '<tool_call>\n{"name": "search", "arguments": {"query": "quire"}}\n',
@@ -107,6 +120,19 @@ WELL_FORMED: list[tuple[str, str, str | None, list[Call]]] = [
             ("get_time", {"tz": "Europe/Paris"}),
         ],
     ),
+    (  # markers and separators inside argument strings are text
+        "llama3_json",
+        '{"name": "run", "parameters": {"code": "a; {b} <|python_tag|>"}}; {"name": "f", "parameters": {"s": "}"}}',
+        None,
+        [("run", {"code": "a; {b} <|python_tag|>"}), ("f", {"s": "}"})],
+    ),
+    (
+        "mistral",
+        '[TOOL_CALLS]note[ARGS]{"text": "see [TOOL_CALLS]x[ARGS]{} and ]"}[TOOL_CALLS] [{"name": "g", '
+        '"arguments": {"t": "[TOOL_CALLS]"}}]',
+        None,
+        [("note", {"text": "see [TOOL_CALLS]x[ARGS]{} and ]"}), ("g", {"t": "[TOOL_CALLS]"})],
+    ),
     (  # Mistral Small 3.2 / Devstral: name[ARGS]{...} per call, text before
         "mistral",
         'I will check both cities.[TOOL_CALLS]get_current_weather[ARGS]{"location": "Paris", "unit": "celsius"}'
@@ -127,6 +153,9 @@ MALFORMED: list[tuple[str, str]] = [
     ("hermes", 'Here: <tool_call>\n{"arguments": {"city": "Paris"}}\n</tool_call> done'),  # no name
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'),  # cut by max_tokens
     ("hermes", "a stray <tool_call>"),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {}} and more\n</tool_call> after'),  # text after it
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"x": "</tool_call>"}'),  # the object never closes
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_'),  # cut inside the closing tag
     ("llama3_json", '{"answer": 42, "unit": "km"}'),  # a JSON answer, not a call
     ("llama3_json", '{"name": "Ada Lovelace", "born": 1815}'),  # has a name, is no call
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Par'),
@@ -168,8 +197,10 @@ def test_registry_has_vllms_names() -> None:
     assert {"hermes", "llama3_json", "mistral"} <= set(tool_parser_names())
     with pytest.raises(ValueError, match="unknown tool-call parser 'nope'; known: hermes"):
         get_tool_parser("nope")
+    # Markers that are special tokens in some of the family's tokenizers must stay in the text.
     assert get_tool_parser("mistral").keeps_special_tokens
-    assert not get_tool_parser("hermes").keeps_special_tokens
+    assert get_tool_parser("hermes").keeps_special_tokens
+    assert not get_tool_parser("llama3_json").keeps_special_tokens
 
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), WELL_FORMED)
@@ -231,6 +262,21 @@ def test_calls_before_a_malformed_one_stand() -> None:
     )
     assert _calls(hermes) == [("a", {})]
     assert hermes.content == "<tool_call>\n{oops}\n</tool_call>"
+
+
+def test_a_malformed_block_ends_at_its_closing_tag() -> None:
+    # An object that never closes cannot swallow the blocks after it: it ends at the first
+    # closing tag, as markup, and the next block is still a call.
+    text = (
+        '<tool_call>\n{"name": "a", "arguments": {"x": 1}\n</tool_call>\n'
+        '<tool_call>\n{"name": "b", "arguments": {"y": "}"}}\n</tool_call>'
+    )
+    parsed = get_tool_parser("hermes").parse(text)
+    assert _calls(parsed) == [("b", {"y": "}"})]
+    assert parsed.content == '<tool_call>\n{"name": "a", "arguments": {"x": 1}\n</tool_call>'
+    for max_piece in (1, 4):
+        streamed = assemble(_stream("hermes", _pieces(text, random.Random(1), max_piece)))
+        assert streamed.content == parsed.content and _calls(streamed) == _calls(parsed)
 
 
 def test_text_around_calls() -> None:

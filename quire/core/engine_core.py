@@ -28,7 +28,9 @@ class ModelExecutor(Protocol):
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         """Run one step. May raise ``RequestExecutionError`` naming the requests it refuses, after
-        applying the plan to its own state and before running the model."""
+        applying the plan to its own state and before recording the step's results (before the
+        model runs, or after it but before any request advances: rerunning the step then only
+        rewrites the same KV slots)."""
         ...
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -110,6 +111,12 @@ def get_backend_class(name: str = DEFAULT_BACKEND) -> type[GrammarBackend]:
     return getattr(importlib.import_module(module_name), attribute)
 
 
+def constraint_digest(params: StructuredOutputsParams) -> bytes:
+    """A short key for ``params.cache_key``: a constraint may be 256 KB of text, and caches keyed
+    by it should hold a few bytes per entry, not the text."""
+    return hashlib.sha256(json.dumps(params.cache_key).encode()).digest()
+
+
 def validate_structured_outputs(
     params: StructuredOutputsParams, backend: str = DEFAULT_BACKEND, cache: LRUCache | None = None
 ) -> None:
@@ -117,8 +124,7 @@ def validate_structured_outputs(
 
     ``cache`` (owned by the caller) remembers the verdict per constraint: tool-calling clients
     send the same schema with every request."""
-    # Keyed by a digest: a constraint may be 256 KB of text, the cache should hold bytes per entry.
-    key = (backend, hashlib.sha256(json.dumps(params.cache_key).encode()).digest())
+    key = (backend, constraint_digest(params))
     message = cache.get(key) if cache is not None else None
     if message is None:
         try:
@@ -133,14 +139,15 @@ def validate_structured_outputs(
 
 
 class LRUCache:
-    """A bounded mapping that forgets the least recently used entry first. Not thread-safe:
-    each owner uses it from one thread."""
+    """A bounded mapping that forgets the least recently used entry first. Thread-safe: the API
+    process validates on the event loop and in the worker threads that prepare long prompts."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._entries: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -148,19 +155,21 @@ class LRUCache:
         return len(self._entries)
 
     def get(self, key: Any) -> Any | None:
-        value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return value
 
     def put(self, key: Any, value: Any) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
     def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
         value = self.get(key)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import llguidance
 
+from quire.structured.large_stack import run_with_large_stack
 from quire.structured.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -27,10 +28,13 @@ if TYPE_CHECKING:
 # by it.
 _JSON_OPTIONS: dict[str, object] = {"whitespace_flexible": False}
 # A schema may carry llguidance's own "x-guidance" options; these always win over it, so a request
-# cannot turn whitespace back on, skip keywords it does not implement ("lenient": the output would
-# then not validate against the schema) or loosen oneOf into anyOf.
+# cannot turn whitespace back on, change the separators (" = " would not be JSON), skip keywords
+# it does not implement ("lenient": the output would then not validate against the schema) or
+# loosen oneOf into anyOf.
 _FORCED_JSON_OPTIONS: dict[str, object] = {
     "whitespace_flexible": False,
+    "item_separator": ",",
+    "key_separator": ":",
     "lenient": False,
     "coerce_one_of": False,
 }
@@ -60,7 +64,7 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     written at all (a GBNF grammar that does not convert); whether it compiles is checked later."""
     kind = params.kind
     if kind == "json" or kind == "json_object":
-        schema = params.json if kind == "json" else '{"type": "object"}'
+        schema = _without_unknown_formats(params.json) if kind == "json" else '{"type": "object"}'
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults=_JSON_OPTIONS, overrides=_FORCED_JSON_OPTIONS
@@ -78,6 +82,48 @@ def grammar_text(params: StructuredOutputsParams) -> str:
         )
     assert params.grammar is not None
     return llguidance.LLMatcher.grammar_from_lark(_to_lark(params.grammar))
+
+
+# The string formats llguidance enforces. JSON Schema makes "format" an annotation that validators
+# need not check (jsonschema does not by default), so any other value is dropped rather than
+# refused: pydantic writes "password" for SecretStr, "binary" for bytes, "path" for Path, and
+# those schemas must work, with the string left unconstrained.
+_ENFORCED_FORMATS = frozenset(
+    {"date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"}
+)
+# Keywords whose values are data, not schemas: a "format" key inside them is left alone.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _without_unknown_formats(schema_text: str | None) -> str:
+    assert schema_text is not None
+    try:
+        schema = json.loads(schema_text)
+        return json.dumps(_drop_unknown_formats(schema)) if _has_unknown_format(schema) else schema_text
+    except RecursionError:
+        raise ValueError("invalid JSON schema: nested too deeply") from None
+
+
+def _has_unknown_format(node: object) -> bool:
+    if isinstance(node, dict):
+        if isinstance(node.get("format"), str) and node["format"] not in _ENFORCED_FORMATS:
+            return True
+        return any(_has_unknown_format(v) for k, v in node.items() if k not in _DATA_KEYWORDS)
+    if isinstance(node, list):
+        return any(_has_unknown_format(v) for v in node)
+    return False
+
+
+def _drop_unknown_formats(node: object) -> object:
+    if isinstance(node, dict):
+        return {
+            k: (v if k in _DATA_KEYWORDS else _drop_unknown_formats(v))
+            for k, v in node.items()
+            if not (k == "format" and isinstance(v, str) and v not in _ENFORCED_FORMATS)
+        }
+    if isinstance(node, list):
+        return [_drop_unknown_formats(v) for v in node]
+    return node
 
 
 def _to_lark(grammar: str) -> str:
@@ -134,7 +180,9 @@ class LLGuidanceBackend:
 
     @classmethod
     def validate(cls, params: StructuredOutputsParams) -> None:
-        message = llguidance.LLMatcher.validate_grammar(grammar_text(params), limits=_limits())
+        message = run_with_large_stack(
+            lambda: llguidance.LLMatcher.validate_grammar(grammar_text(params), limits=_limits())
+        )
         if message:
             raise ValueError(f"invalid structured output {params.kind}: {message.strip()}")
 
@@ -144,14 +192,14 @@ class LLGuidanceBackend:
         # them (and only them) once it is complete. A vocabulary wider than the tokenizer's
         # (padded for the GEMM) leaves the extra ids forbidden.
         eos = sorted(tokenizer.eos_token_ids)
-        ll_tokenizer = llguidance.LLTokenizer(
-            tokenizer._backend.to_str(), n_vocab=vocab_size, eos_token=eos or None
-        )
+        ll_tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos or None)
         return cls(ll_tokenizer, vocab_size)
 
     def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         # log_level 0: llguidance would otherwise print refused tokens (generated text) to stderr.
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(params), log_level=0, limits=_limits())
+        matcher = run_with_large_stack(
+            lambda: llguidance.LLMatcher(self.tokenizer, grammar_text(params), log_level=0, limits=_limits())
+        )
         if matcher.is_error():
             raise ValueError(f"invalid structured output {params.kind}: {matcher.get_error().strip()}")
         return matcher

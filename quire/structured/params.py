@@ -46,7 +46,7 @@ class StructuredOutputsParams:
         if isinstance(self.json, dict):
             try:
                 self.json = json.dumps(self.json, allow_nan=False)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise ValueError(
                     f"structured output json schema is not serializable as JSON: {exc}"
                 ) from None
@@ -70,6 +70,8 @@ class StructuredOutputsParams:
                 schema = json.loads(self.json, parse_constant=_refuse_constant)
             except ValueError as exc:
                 raise ValueError(f"structured outputs json is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ValueError("structured outputs json is nested too deeply") from None
             if not isinstance(schema, dict):
                 raise ValueError("structured outputs json must be a JSON schema object ({...})")
         for kind in ("regex", "grammar"):
@@ -112,9 +114,10 @@ class StructuredOutputsParams:
         return value
 
     @property
-    def cache_key(self) -> tuple[str, str, bool]:
-        """Equal for constraints that compile to the same grammar."""
-        return (self.kind, self.spec_text, self.disable_any_whitespace)
+    def cache_key(self) -> tuple[str, str]:
+        """Equal for constraints that compile to the same grammar (JSON is always generated
+        compact, so ``disable_any_whitespace`` changes nothing and is not part of it)."""
+        return (self.kind, self.spec_text)
 
 
 def _refuse_constant(name: str) -> float:

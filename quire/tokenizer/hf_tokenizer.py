@@ -179,6 +179,11 @@ class Tokenizer:
 
     # -- properties -----------------------------------------------------------------------------
 
+    def to_json(self) -> str:
+        """The underlying ``tokenizers`` tokenizer as its JSON text (``tokenizer.json``'s format),
+        for libraries that build their own view of the vocabulary (e.g. the grammar engine)."""
+        return self._backend.to_str()
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (what transformers calls ``len(tokenizer)``)."""

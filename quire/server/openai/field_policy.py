@@ -18,6 +18,17 @@ what they ask of a self-hosted server (the request models declare them, and chec
 - ``modalities``: ``["text"]``, the only output quire produces.
 - ``stream_options.include_obfuscation``: ``false``; quire adds no obfuscation padding.
 - ``structured_outputs.disable_fallback``: quire's grammar engine has no fallback to disable.
+
+Messages follow the same rule. A client that appends an earlier answer to ``messages`` (the
+``openai`` SDK's ``messages.append(completion.choices[0].message)``, its ``.parse()`` and
+``.stream()`` helpers, LangChain's ``AIMessage``, answers from vLLM or OpenAI) sends back fields of
+the response message; those are accepted with the values an answer of quire's (or a text-only
+model's) has, which say nothing (``MESSAGE_ECHO_FIELDS``): ``refusal``, ``audio``,
+``function_call``, ``reasoning_content`` and ``reasoning`` null, ``annotations`` null or empty,
+``prefix`` false or null. ``parsed`` (the SDK's parse of the content) and a tool call's ``index``
+and ``function.parsed_arguments`` (its stream position and parse of the arguments) are accepted
+with any value: each repeats what the message already says. Any other value is refused with the
+reason below; an unknown message field with the generic message.
 """
 
 from __future__ import annotations
@@ -66,6 +77,39 @@ UNSUPPORTED_FIELDS: Mapping[str, str] = MappingProxyType(
         "mm_processor_kwargs": "multimodal inputs are not supported",
         "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
         "kv_transfer_params": "disaggregated serving (kv_transfer_params) is not supported",
+        # In messages and their content parts.
+        "prompt_cache_breakpoint": (
+            "prompt cache breakpoints are not supported; quire's prefix cache finds shared prefixes itself"
+        ),
+        "cache_control": (
+            "cache_control is not supported; quire's prefix cache finds shared prefixes itself"
+        ),
+    }
+)
+
+
+# Fields of an assistant answer that clients send back with the conversation: why quire refuses
+# a value other than the no-op one (see the module docstring).
+MESSAGE_ECHO_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "refusal": "a refusal in the history is not supported; put its text in content",
+        "annotations": "annotations (URL citations) are not supported; send the text alone",
+        "audio": "audio is not supported: quire generates and reads text only",
+        "function_call": (
+            "the deprecated function_call is not supported in messages; send the call in tool_calls"
+        ),
+        "reasoning_content": (
+            "reasoning in the history is not supported (quire answers carry none); leave it out or "
+            "put it in content"
+        ),
+        "reasoning": (
+            "reasoning in the history is not supported (quire answers carry none); leave it out or "
+            "put it in content"
+        ),
+        "prefix": (
+            "continuing an assistant message (prefix) is not supported; end the conversation with "
+            "a user or tool message"
+        ),
     }
 )
 

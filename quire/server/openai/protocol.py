@@ -37,6 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from quire.sampling import MAX_LOGPROBS, SamplingParams
 from quire.server.generation_defaults import SamplingDefaults
+from quire.server.openai.field_policy import MESSAGE_ECHO_FIELDS, unknown_field_message
 from quire.server.openai.structured_fields import structured_outputs_of
 from quire.server.openai.tool_schema import check_parameters_schema, template_tool_call
 from quire.structured.params import StructuredOutputsParams
@@ -128,6 +129,16 @@ class ResponseFormat(_Strict):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_only_with_its_type(self) -> ResponseFormat:
+        # Dropping the schema would answer unconstrained text where the client asked for its shape.
+        if self.type == "text" and self.json_schema is not None:
+            raise ValueError(
+                'response_format of type text takes no json_schema; send "type": "json_schema" to '
+                "constrain the output to the schema"
+            )
+        return self
 
 
 class StructuredOutputsRequest(_Strict):
@@ -283,7 +294,7 @@ class CompletionRequest(_SamplingFields):
             )
 
 
-class TextPart(_Body):
+class TextPart(_Strict):
     type: Literal["text"]
     text: StrictText
 
@@ -304,8 +315,16 @@ _MEDIA_PARTS = MappingProxyType(
 
 
 def _text_parts_only(content: Any) -> Any:
-    # Before the union is tried, so the client reads why, not that no alternative type matched.
-    for part in content if isinstance(content, list) else ():
+    # Before the union is tried, so the client reads why, not that no alternative type matched
+    # (nor an unknown field reported under the union's type name instead of its own).
+    for index, part in enumerate(content if isinstance(content, list) else ()):
+        if isinstance(part, dict) and part.get("type") == "text":
+            extra = next((key for key in part if key not in TextPart.model_fields), None)
+            if extra is not None:
+                # Escaped: a lone surrogate in the key would make the error unencodable. Without a
+                # context the message is not formatted, so braces in the key stay as sent.
+                name = extra.encode("utf-8", "backslashreplace").decode("utf-8")
+                raise PydanticCustomError("value_error", unknown_field_message(f"content.{index}.{name}"))
         if isinstance(part, dict) and isinstance(kind := part.get("type"), str) and kind != "text":
             media = _MEDIA_PARTS.get(kind)
             if media is not None:
@@ -356,25 +375,58 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ToolCallFunction(_Body):
+class ToolCallFunction(_Strict):
     name: Text
     arguments: StrictText  # JSON text, as the model (or the client) wrote it
+    parsed_arguments: Any = None  # the openai SDK's parse of arguments, echoed back: not read
 
 
-class ToolCallRef(_Body):
+class ToolCallRef(_Strict):
     """A call an earlier assistant message made (sent back as conversation history)."""
 
     id: Text
     type: Literal["function"] = "function"
     function: ToolCallFunction
+    index: Int64 | None = None  # its place in a stream, echoed back by the openai SDK: not read
 
 
-class ChatMessage(_Body):
+def _echo(field: str, *accepted: Any) -> Any:
+    """A validator for a field of an earlier answer that clients send back: None or one of
+    ``accepted`` (the values that say nothing), or a 400 with field_policy's reason."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in accepted:
+            raise ValueError(MESSAGE_ECHO_FIELDS[field])
+        return value
+
+    return field_validator(field)(check)
+
+
+class ChatMessage(_Strict):
+    """One conversation message. Fields of an earlier answer that clients send back with it are
+    accepted with the values that say nothing, and not read (see field_policy.py)."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent = None
     name: Text | None = None
     tool_calls: list[ToolCallRef] | None = None
     tool_call_id: Text | None = None
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
+    reasoning_content: Any = None
+    reasoning: Any = None
+    prefix: Any = None
+    parsed: Any = None  # the openai SDK's parse of content (its .parse() helper): not read
+
+    _refusal = _echo("refusal")
+    _annotations = _echo("annotations", [])
+    _audio = _echo("audio")
+    _function_call = _echo("function_call")
+    _reasoning_content = _echo("reasoning_content")
+    _reasoning = _echo("reasoning")
+    _prefix = _echo("prefix", False)
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:

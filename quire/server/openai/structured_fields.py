@@ -22,9 +22,6 @@ calls) and offline use included.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -81,40 +78,17 @@ def _check_compiles(params: StructuredOutputsParams, param: str) -> None:
     """The 400 naming ``param`` when the grammar engine cannot compile the constraint."""
     if params.kind == "json_object":
         return  # a fixed grammar: nothing the client wrote can break it
-    message = _VERDICTS.error(params)
-    if message:
-        raise APIError.invalid_request(message, param=param)
+    try:
+        validate_structured_outputs(params, cache=_VERDICTS)
+    except ValueError as exc:
+        raise APIError.invalid_request(str(exc), param=param) from None
 
 
-class _VerdictMemo:
-    """Whether constraints compile, remembered for the ``capacity`` most recently seen ones.
-
-    Clients resend the same schema with every request, and a realistic one takes about a
-    millisecond to validate, on the event loop. A verdict is a pure function of the constraint, so
-    one memo per process is safe; it is keyed by a digest, so that it holds a few bytes per entry
-    rather than schemas of up to 256 KB each. The engine's own check keeps its own cache."""
-
-    def __init__(self, capacity: int) -> None:
-        self._verdicts = LRUCache(capacity)
-        self._lock = threading.Lock()
-
-    def error(self, params: StructuredOutputsParams) -> str:
-        """The grammar engine's message for a constraint that does not compile; empty if it does."""
-        key = hashlib.sha256(json.dumps(params.cache_key).encode()).digest()
-        with self._lock:
-            message = self._verdicts.get(key)
-        if message is None:
-            try:
-                validate_structured_outputs(params)
-                message = ""
-            except ValueError as exc:
-                message = str(exc)
-            with self._lock:
-                self._verdicts.put(key, message)
-        return message
-
-
-_VERDICTS = _VerdictMemo(1024)
+# Whether constraints compile, remembered for the 1,024 most recently seen (by digest). Clients
+# resend the same schema with every request, and validating a realistic one takes about a
+# millisecond on the event loop. A verdict is a pure function of the constraint, so one memo per
+# process is safe, like functools.lru_cache. The engine's InputProcessor keeps its own.
+_VERDICTS = LRUCache(1024)
 
 
 def _from_response_format(body: _SamplingFields) -> StructuredOutputsParams:
