@@ -148,14 +148,14 @@ def test_dense_embedding_beside_quantized_linears(gguf_checkpoint) -> None:
 
 
 def test_dense_gguf_uses_the_fused_decode_kernel(gguf_checkpoint) -> None:
-    """An all-F32 file takes the same fast paths as a safetensors checkpoint; a quantized one
-    runs layer by layer (the compiled whole-layer kernel only knows dense panels)."""
+    """An all-F32 file takes the same fast paths as a safetensors checkpoint, and a quantized one
+    the same compiled whole-layer decode call (its linears are quantized operands of it)."""
     dense = _load(gguf_checkpoint("llama", "F32")[0])
     quantized = _load(gguf_checkpoint("llama", "Q8_0")[0])
     if dense.cpu_lm_head is None:
         pytest.skip("the CPU kernels are unavailable")
     assert dense.fused_decode_layers is not None
-    assert quantized.fused_decode_layers is None
+    assert quantized.fused_decode_layers is not None
 
 
 def test_greedy_generation_through_llm(gguf_checkpoint) -> None:

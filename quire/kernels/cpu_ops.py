@@ -42,10 +42,23 @@ CACHE_ENV = "QUIRE_KERNEL_CACHE"
 MODULE_NAME = "quire_cpu_ops"  # the compiled module is MODULE_NAME_<tier>
 BUILD_NOTICE = "quire: building CPU kernels (about a minute, once per machine and install)"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("cpu_ops.cpp", "packed_gemm.cpp", "quant_gemm.cpp", "quant_panel.cpp")]
+_SOURCES = [
+    _CSRC / name
+    for name in (
+        "cpu_ops.cpp",
+        "decode_layer.cpp",
+        "linear_operand.cpp",
+        "packed_gemm.cpp",
+        "quant_gemm.cpp",
+        "quant_panel.cpp",
+    )
+]
 _HEADERS = [
     _CSRC / name
     for name in (
+        "decode_layer.h",
+        "layer_kernels.h",
+        "linear_operand.h",
         "packed_gemm.h",
         "panel_tile.h",
         "quant_gemm.h",
@@ -118,7 +131,9 @@ def tier_cflags(tier: IsaTier) -> list[str]:
 
 def toolchain_identity(tier: IsaTier | None = None) -> str:
     tier = tier if tier is not None else chosen_tier()
-    digest = hashlib.sha256()
+    # The source directory is part of the key: torch's build files record absolute paths, so two
+    # checkouts with the same sources sharing one directory would rebuild over each other.
+    digest = hashlib.sha256(str(_CSRC.resolve()).encode() + b"\0")
     for path in [*_SOURCES, *_HEADERS]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     compiler = os.environ.get("CXX", "c++")

@@ -66,6 +66,13 @@ class CpuLinearWeight:
         """True where the compiled kernels are missing and oneDNN's packed weight is used."""
         return self._ops is None
 
+    def fused_decode_operand(self) -> object | None:
+        """This weight as an operand of the compiled whole-layer decode kernel (a
+        ``LinearOperand`` over the panels), or None where it is held by oneDNN instead."""
+        if self._ops is None:
+            return None
+        return self._ops.LinearOperand.panels(self.panels, self.out_features)
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._ops is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.panels, bias, "none", [], "")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import ModuleType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,15 @@ class LinearMethod(Protocol):
     in_features: int
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FusedDecodeSource(Protocol):
+    """A linear method the compiled whole-layer decode kernel can multiply by: it hands over its
+    weight as a ``LinearOperand`` (``quire/kernels/csrc/linear_operand.h``), or None where it
+    cannot (then the model runs decode steps layer by layer)."""
+
+    def fused_decode_operand(self) -> object | None: ...
 
 
 class VocabMethod(LinearMethod, Protocol):
@@ -101,8 +110,7 @@ class Linear(nn.Module):
 
     @property
     def cpu_weight(self) -> CpuLinearWeight | None:
-        """The CPU-prepared dense weight, where that is this layer's method (the compiled
-        whole-layer decode kernel reads its panels)."""
+        """The CPU-prepared dense weight, where that is this layer's method."""
         return self.method if isinstance(self.method, CpuLinearWeight) else None
 
     def set_weight_method(self, method: LinearMethod) -> None:
@@ -395,9 +403,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = VocabMatrix(config.vocab_size, config.hidden_size, dtype, device)
         # The LM head's product: CPU-prepared panels, or the output matrix's own (quantized) method.
         self.cpu_lm_head: LinearMethod | None = None
-        # Per layer, the arguments of the compiled whole-layer decode kernel; None where it does
-        # not apply (see _fused_decode_layers).
-        self.fused_decode_layers: list[tuple[list[torch.Tensor], torch.Tensor | None]] | None = None
+        # Per layer, the weights of the compiled whole-layer decode kernel (the extension's
+        # DecodeLayerWeights); None where it does not apply (see _fused_decode_layers).
+        self.fused_decode_layers: list[object] | None = None
 
     def prepare_for_inference(self) -> None:
         """Called once the weights are loaded: on CPU in fp32, every dense matmul moves to
@@ -429,14 +437,13 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear) and module.method is None:
                 module.set_weight_method(quantize(module.weight.data.float()))
 
-    def _fused_decode_layers(
-        self, ops: ModuleType | None
-    ) -> list[tuple[list[torch.Tensor], torch.Tensor | None]] | None:
-        """Each layer's weights for ``decode_layer`` (one compiled call per layer on decode-only
-        steps), or None unless every layer has the plain shape that kernel implements: panel-GEMM
-        weights, no bias but an optional q|k|v one (Qwen2), no q/k norms, the CPU attention backend.
-        Any quantized linear (no panels) rules it out for now: the model then runs layer by layer."""
-        if ops is None or not hasattr(ops, "decode_layer"):
+    def _fused_decode_layers(self, ops: ModuleType | None) -> list[object] | None:
+        """Each layer's ``DecodeLayerWeights`` for ``decode_layer`` (one compiled call per layer on
+        decode-only steps), or None unless every layer has the plain shape that kernel implements:
+        no bias but an optional q|k|v one (Qwen2), no q/k norms, the CPU attention backend, and
+        linear methods that hand the kernel an operand (dense panels or GGUF blocks; see
+        ``FusedDecodeSource``)."""
+        if ops is None or not hasattr(ops, "DecodeLayerWeights"):
             return None
         plan = []
         for layer in self.model.layers:
@@ -445,19 +452,20 @@ class LlamaForCausalLM(nn.Module):
             if (
                 attn.q_norm is not None
                 or not isinstance(attn.backend, CpuPagedAttention)
-                or any(lin.cpu_weight is None or lin.cpu_weight.uses_onednn for lin in linears)
                 or any(lin.bias is not None for lin in linears[1:])
             ):
                 return None
-            weights = [
-                layer.input_layernorm.weight,
-                attn.qkv_proj.cpu_weight.panels,
-                attn.o_proj.cpu_weight.panels,
-                layer.post_attention_layernorm.weight,
-                mlp.gate_up_proj.cpu_weight.panels,
-                mlp.down_proj.cpu_weight.panels,
+            operands = [
+                lin.method.fused_decode_operand() if isinstance(lin.method, FusedDecodeSource) else None
+                for lin in linears
             ]
-            plan.append((weights, attn.qkv_proj.bias))
+            if any(operand is None for operand in operands):
+                return None
+            weights = ops.DecodeLayerWeights(
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight, operands,
+                attn.qkv_proj.bias, attn.num_heads, layer.input_layernorm.eps, attn.scale,
+            )  # fmt: skip
+            plan.append(weights)
         return plan
 
     def _output_matrix(self) -> VocabMatrix:
@@ -503,14 +511,12 @@ class LlamaForCausalLM(nn.Module):
         """``forward`` for a step of single-token decodes only: one compiled call per layer."""
         assert self.fused_decode_layers is not None
         ops = cpu_ops()
-        attn = self.model.layers[0].self_attn
-        eps = self.model.layers[0].input_layernorm.eps
         # A zero residual makes layer 0's "add + norm" the plain norm of the embeddings.
         residual = torch.zeros_like(x)
-        for (weights, qkv_bias), (k_cache, v_cache) in zip(self.fused_decode_layers, kv_caches, strict=True):
+        for weights, (k_cache, v_cache) in zip(self.fused_decode_layers, kv_caches, strict=True):
             x = ops.decode_layer(
-                x, residual, weights, qkv_bias, cos, sin, k_cache, v_cache, meta.slot_mapping,
-                meta.decode_block_tables, meta.decode_seq_lens, attn.num_heads, eps, attn.scale,
+                weights, x, residual, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                meta.decode_block_tables, meta.decode_seq_lens,
             )  # fmt: skip
         x, _ = self.model.norm.add_forward(x, residual)
         return x

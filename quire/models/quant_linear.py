@@ -324,6 +324,20 @@ class QuantizedLinearWeight:
             raise ValueError(f"ids must be in [0, {self.out_features}), got {flat.min()}..{flat.max()}")
         return self._dequantize_rows(self._select_rows(flat)).reshape(*ids.shape, self.in_features)
 
+    @property
+    def kernel_type_id(self) -> int:
+        """The type id the compiled kernels take for ``packed``: GGML's, flagged if interleaved."""
+        return self.format.ggml_type + (INTERLEAVED_FLAG if self.interleaved else 0)
+
+    def fused_decode_operand(self) -> object | None:
+        """This weight as an operand of the compiled whole-layer decode kernel (a
+        ``LinearOperand`` over the same packed bytes, no copy), or None without the kernels."""
+        if self._ops is None or not hasattr(self._ops, "LinearOperand"):
+            return None
+        return self._ops.LinearOperand.quantized(
+            self.packed, self.kernel_type_id, self.in_features, self.out_features
+        )
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be float32 [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
@@ -331,10 +345,9 @@ class QuantizedLinearWeight:
             return F.linear(x, self.dequantize().to(x.device), bias)
         rows = x.reshape(-1, self.in_features).contiguous()
         bias = None if bias is None else bias.contiguous()
-        type_id = self.format.ggml_type
+        type_id = self.kernel_type_id
         padded = self.packed.shape[0]
         if self.interleaved:
-            type_id += INTERLEAVED_FLAG
             if bias is not None and padded != self.out_features:
                 bias = torch.cat(
                     [bias.float(), bias.new_zeros(padded - self.out_features, dtype=torch.float32)]

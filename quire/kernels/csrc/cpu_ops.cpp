@@ -8,10 +8,13 @@
 // Work is split over (sequence, kv head) pairs; the `group` query heads that share a KV head are
 // handled together so each cached row is loaded once for all of them. Accumulation is fp32.
 //
-// The linear layers' GEMM is in packed_gemm.cpp; this file registers it with the module.
+// The linear layers' GEMMs are in packed_gemm.cpp and quant_gemm.cpp, the whole-layer decode call
+// in decode_layer.cpp; this file registers them all with the module.
 
 #include <torch/extension.h>
 
+#include "decode_layer.h"
+#include "layer_kernels.h"
 #include "packed_gemm.h"
 #include "quant_gemm.h"
 
@@ -645,58 +648,6 @@ void rotary_embedding(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, i
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// One decoder layer of a decode-only step in a single call from Python: the kernels above, in the
-// order of DecoderLayer.forward's CPU path (add+norm, qkv GEMM, rotary, cache write, decode
-// attention, o GEMM, add+norm, gate|up GEMM, SiLU*up, down GEMM). At decode sizes the layer's
-// arithmetic takes ~2-3 ms, and the ~25 Python-level calls between those kernels cost a sizeable
-// fraction of that; here they are plain C++ calls. weights = {input_norm, qkv_panels, o_panels,
-// post_attention_norm, gate_up_panels, down_panels}. Returns the MLP output; residual is updated
-// in place, as fused_add_rms_norm does.
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor residual, const std::vector<torch::Tensor>& weights,
-                           c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin,
-                           torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
-                           torch::Tensor block_tables, torch::Tensor seq_lens, int64_t num_heads, double eps,
-                           double scale) {
-  TORCH_CHECK(weights.size() == 6, "decode_layer: weights must be {input_norm, qkv, o, post_norm, gate_up, down}");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32,
-              "caches must be contiguous float32 [num_blocks, block_size, num_kv_heads, head_dim]");
-  const int64_t tokens = x.size(0), hidden = x.size(1);
-  const int64_t num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
-  const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() &&
-                  slot_mapping.numel() == tokens,
-              "slot_mapping must be a contiguous int64 [tokens] tensor");
-  const torch::Tensor& down = weights[5];
-  const int64_t intermediate = down.size(1);
-
-  fused_add_rms_norm(x, residual, weights[0], eps);
-  torch::Tensor qkv = packed_linear(x, weights[1], q_width + 2 * kv_width, qkv_bias);
-  rotary_embedding(qkv, cos, sin, num_heads + num_kv_heads, head_dim);
-  // This step's keys and values into their cache slots.
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const float* qkv_data = qkv.data_ptr<float>();
-  float* k_data = k_cache.data_ptr<float>();
-  float* v_data = v_cache.data_ptr<float>();
-  const int64_t row_width = q_width + 2 * kv_width;
-  for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot out of range of the cache");
-    const float* row = qkv_data + t * row_width;
-    std::copy(row + q_width, row + q_width + kv_width, k_data + slots[t] * kv_width);
-    std::copy(row + q_width + kv_width, row + row_width, v_data + slots[t] * kv_width);
-  }
-  torch::Tensor q = qkv.narrow(1, 0, q_width).contiguous().view({tokens, num_heads, head_dim});
-  torch::Tensor attention = torch::empty_like(q);
-  paged_decode_attention(attention, q, k_cache, v_cache, block_tables, seq_lens, scale);
-  torch::Tensor h = packed_linear(attention.view({tokens, q_width}), weights[2], hidden, c10::nullopt);
-  fused_add_rms_norm(h, residual, weights[3], eps);
-  torch::Tensor gate_up = packed_linear(h, weights[4], 2 * intermediate, c10::nullopt);
-  return packed_linear(silu_and_mul(gate_up), down, hidden, c10::nullopt);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "in place: residual += x; x = rmsnorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a [tokens, 2 * inter] gate|up tensor");
@@ -708,10 +659,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "in place: rotary embedding of the first rotated_heads heads of a [tokens, width] q|k|v tensor");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention over a paged KV cache, in place (fp32, CPU)");
-  m.def("decode_layer", &decode_layer, "one decoder layer of a decode-only step (fp32, CPU)", py::arg("x"),
-        py::arg("residual"), py::arg("weights"), py::arg("qkv_bias"), py::arg("cos"), py::arg("sin"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
-        py::arg("seq_lens"), py::arg("num_heads"), py::arg("eps"), py::arg("scale"));
+  bind_decode_layer(m);
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "Causal attention of prefill chunks over a paged KV cache, into out (fp32, CPU)");
   m.def("quant_dequantize", &quant_dequantize, "a GGUF block-format [out, row_bytes] weight as fp32 [out, in]",
