@@ -105,8 +105,12 @@ torch::Tensor decode_layer(const DecodeLayerWeights& w, torch::Tensor x, torch::
 
 void bind_decode_layer(pybind11::module& m) {
   namespace py = pybind11;
+  // module_local: every instruction-set tier is its own extension module with these same C++
+  // types, and several tiers load into one process (tests compare them); pybind11 registers
+  // classes process-wide by default, so the second tier's import would fail.
   py::class_<LinearOperand>(m, "LinearOperand",
-                            "a linear layer's weight for decode_layer: panels or GGUF blocks, checked when built")
+                            "a linear layer's weight for decode_layer: panels or GGUF blocks, checked when built",
+                            py::module_local())
       .def_static("panels", &LinearOperand::panels, "pack_weight_panels' layout", py::arg("panels"),
                   py::arg("out_features"))
       .def_static("quantized", &LinearOperand::quantized, "GGUF blocks as quant_linear takes them",
@@ -115,7 +119,8 @@ void bind_decode_layer(pybind11::module& m) {
       .def_property_readonly("kind", &LinearOperand::kind_name)
       .def_property_readonly("out_features", &LinearOperand::out_features)
       .def_property_readonly("in_features", &LinearOperand::in_features);
-  py::class_<DecodeLayerWeights>(m, "DecodeLayerWeights", "one layer's weights and constants for decode_layer")
+  py::class_<DecodeLayerWeights>(m, "DecodeLayerWeights", "one layer's weights and constants for decode_layer",
+                                 py::module_local())
       .def(py::init<torch::Tensor, torch::Tensor, const std::vector<LinearOperand>&, c10::optional<torch::Tensor>,
                     int64_t, double, double>(),
            py::arg("input_norm"), py::arg("post_norm"), py::arg("linears"), py::arg("qkv_bias"),
