@@ -31,6 +31,9 @@ FAST_ARGS = ("--max-model-len", "512", "--kv-cache-memory", "32MiB", "--dtype", 
 class ServerProcess:
     """A running ``quire serve``; ``url`` is its base URL."""
 
+    # The log line that gives the server's address (subclasses: other schemes).
+    listening_pattern = _LISTENING
+
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.args = args
         self.log_path = log_path
@@ -63,7 +66,7 @@ class ServerProcess:
     def _wait_listening(self) -> str:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
-            match = _LISTENING.search(self.log_text())
+            match = self.listening_pattern.search(self.log_text())
             if match:
                 return match.group(1)
             if self.proc.poll() is not None:

@@ -446,18 +446,7 @@ class TLSServer(ServerProcess):
     """``ServerProcess`` for an HTTPS server: waits for its https:// address, trusts its cert."""
 
     cert: str = ""
-
-    def _wait_listening(self) -> str:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            match = re.search(r"listening on (https://[0-9.]+:\d+)", self.log_text())
-            if match:
-                return match.group(1)
-            if self.proc.poll() is not None:
-                self._fail(f"exited with code {self.proc.returncode} before listening")
-            time.sleep(0.05)
-        self._fail("did not start listening in time")
-        raise AssertionError
+    listening_pattern = re.compile(r"listening on (https://[0-9.]+:\d+)")
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
