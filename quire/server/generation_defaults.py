@@ -15,12 +15,12 @@ prompt leaves in the context, as vLLM does). Others, such as
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from quire.sampling import SamplingParams
+from quire.tokenizer.hf_tokenizer import read_json_object
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 NEUTRAL_SOURCES = ("vllm", "none")
@@ -98,12 +98,7 @@ def load_sampling_defaults(generation_config: str, model_path: str | Path) -> Sa
 
 
 def _from_file(path: Path) -> SamplingDefaults:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    data = read_json_object(path)
     values = {field: data[key] for key, field in _KEYS.items() if data.get(key) is not None}
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float):

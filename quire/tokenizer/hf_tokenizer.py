@@ -118,9 +118,9 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for any parse failure
             raise ValueError(f"{tokenizer_file} is not a valid tokenizers file: {exc}") from exc
 
-        config = _read_json_object(root / "tokenizer_config.json")
-        generation_config = _read_json_object(root / "generation_config.json")
-        model_config = _read_json_object(root / "config.json")
+        config = read_json_object(root / "tokenizer_config.json")
+        generation_config = read_json_object(root / "generation_config.json")
+        model_config = read_json_object(root / "config.json")
         extra_eos: list[int] = []
         extra_eos += _token_ids(generation_config.get("eos_token_id"), root / "generation_config.json")
         extra_eos += _token_ids(model_config.get("eos_token_id"), root / "config.json")
@@ -271,7 +271,9 @@ class Tokenizer:
         return None if token is None else self._backend.token_to_id(token)
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file's top-level object ({} if the file does not exist); ``ValueError`` if it cannot
+    be read or is not an object."""
     if not path.is_file():
         return {}
     try:
