@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from quire.config import EngineArgs
 from quire.core.engine_core import EngineCore
 from quire.core.kv_manager import KVCacheManager
+
+if TYPE_CHECKING:
+    from quire.tokenizer import Tokenizer
 
 
 def resolve_model_path(args: EngineArgs) -> str:
@@ -36,8 +40,9 @@ class EngineInfo:
         return self.num_blocks * self.block_size
 
 
-def check_tokenizer_fits_model(model_path: str) -> None:
-    """Refuse a model directory whose tokenizer can produce ids past the model's vocabulary.
+def check_tokenizer_fits_model(model_path: str) -> tuple[Tokenizer, int]:
+    """The model's tokenizer and vocabulary size; refuses a model whose tokenizer can produce ids
+    past the model's vocabulary.
 
     Runs before the weights load, so a mismatch costs a second, not a model load, and is never
     found later by the first prompt that happens to produce such an id (which would fail the
@@ -46,19 +51,20 @@ def check_tokenizer_fits_model(model_path: str) -> None:
     from quire.models.loader import read_arch_config  # a directory or a .gguf file
     from quire.tokenizer import Tokenizer
 
-    check_vocab_fits(Tokenizer.from_path(model_path), read_arch_config(model_path).vocab_size)
+    tokenizer, vocab_size = Tokenizer.from_path(model_path), read_arch_config(model_path).vocab_size
+    check_vocab_fits(tokenizer, vocab_size)
+    return tokenizer, vocab_size
 
 
 def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, EngineInfo]:
-    from quire.models.loader import read_arch_config
     from quire.structured.manager import StructuredOutputManager
     from quire.worker.worker import build_worker  # torch lives below this line
 
-    check_tokenizer_fits_model(model_path)
+    tokenizer, vocab_size = check_tokenizer_fits_model(model_path)
     cache = args.cache_config()
     # The grammar engine's view of the tokenizer takes a few hundred ms to build: it is built on
     # a background thread while the model loads, and waited on by the first constrained request.
-    structured = StructuredOutputManager.for_model(model_path, read_arch_config(model_path).vocab_size)
+    structured = StructuredOutputManager.for_tokenizer(tokenizer, vocab_size)
     worker = build_worker(
         args.model_config(model_path), cache, show_progress=args.show_progress, structured=structured
     )

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from quire.structured.backend import (
 )
 from quire.structured.bitmask import TokenBitmask
 from quire.structured.params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from quire.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +110,13 @@ class StructuredOutputManager:
         return cls(future, cache_size)
 
     @classmethod
-    def for_model(
-        cls, model_path: str, vocab_size: int, backend: str = DEFAULT_BACKEND
+    def for_tokenizer(
+        cls, tokenizer: Tokenizer, vocab_size: int, backend: str = DEFAULT_BACKEND
     ) -> StructuredOutputManager:
-        """The manager for a model directory or .gguf file; its tokenizer is loaded in the background."""
+        """The manager for a model with this tokenizer; the backend's view of it is built in the
+        background."""
         backend_class = get_backend_class(backend)
-
-        def make() -> GrammarBackend:
-            from quire.tokenizer import Tokenizer
-
-            return backend_class.create(Tokenizer.from_path(model_path), vocab_size)
-
-        return cls.start(make)
+        return cls.start(lambda: backend_class.create(tokenizer, vocab_size))
 
     @property
     def backend(self) -> GrammarBackend:
