@@ -10,6 +10,11 @@ blocks in the heap, where the next step finds them already mapped.
 
 The cost is that the process keeps its peak activation memory (a step's worth, bounded by the
 token budget) instead of handing it back between steps.
+
+Loading a model leaves the opposite kind of garbage: temporaries of the weight conversion (a GGUF
+file's blocks repacked, dtype casts) that are freed once and never needed again. With the high trim
+threshold they would stay resident for the life of the process (about 100 MB for the default
+model), so the worker hands them back once, right after loading (``release_free_heap``).
 """
 
 from __future__ import annotations
@@ -30,17 +35,35 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 
-def retain_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse; True if it agreed. A no-op elsewhere."""
+def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the OS once (glibc's ``malloc_trim``); True if any were.
+    A no-op where the C library has no ``malloc_trim`` (musl, macOS)."""
+    libc = _glibc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse; True if it agreed. A no-op elsewhere."""
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:  # not Linux, or not glibc (e.g. musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -13,7 +13,7 @@ from quire.models.dtype_policy import choose_dtype
 from quire.models.hf_config import ModelArchConfig
 from quire.models.loader import load_model, read_arch_config
 from quire.structured.manager import StructuredOutputManager
-from quire.worker.host_memory import retain_freed_memory
+from quire.worker.host_memory import release_free_heap, retain_freed_memory
 from quire.worker.kv_cache import allocate_kv_caches, num_blocks_for_memory
 from quire.worker.model_runner import ModelRunner
 
@@ -81,6 +81,8 @@ def build_worker(
         arch, block_size, dtype, cache_config.kv_cache_memory
     )
     kv_caches = allocate_kv_caches(arch, num_blocks, block_size, dtype, device)
+    if device.type == "cpu":
+        release_free_heap()  # the loader's temporaries; see quire.worker.host_memory
     runner = ModelRunner(model, kv_caches, block_size, arch.vocab_size, device, structured=structured)
     logger.info(
         "KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size
