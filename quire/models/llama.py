@@ -431,11 +431,18 @@ class LlamaForCausalLM(nn.Module):
 
     def quantize_linears(self, quantize: Callable[[torch.Tensor], LinearMethod]) -> None:
         """Replace every decoder Linear's dense weight by ``quantize(weight)`` (e.g. int8 or int4
-        blocks). The embedding and the LM head stay dense: they are a small share of the weights
-        of all but the tiniest models, and they set the logits' precision directly."""
+        blocks). The vocabulary matrices have their own hook (``quantize_vocab_matrices``)."""
         for module in self.model.layers.modules():
             if isinstance(module, Linear) and module.method is None:
                 module.set_weight_method(quantize(module.weight.data.float()))
+
+    def quantize_vocab_matrices(self, quantize: Callable[[torch.Tensor], VocabMethod]) -> None:
+        """Replace the token embedding's dense matrix (and an untied LM head's) by
+        ``quantize(weight)``: lookups dequantize the rows they read, and a tied LM head multiplies
+        by the embedding's blocks, as with a GGUF file's quantized ``token_embd``."""
+        for matrix in (self.model.embed_tokens, self.lm_head):
+            if matrix is not None and matrix.method is None:
+                matrix.set_weight_method(quantize(matrix.weight.data.float()))
 
     def _fused_decode_layers(self, ops: ModuleType | None) -> list[object] | None:
         """Each layer's ``DecodeLayerWeights`` for ``decode_layer`` (one compiled call per layer on

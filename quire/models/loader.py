@@ -189,8 +189,9 @@ def load_model(
     file) and fill it with the checkpoint's weights.
 
     ``quantization`` (``"int8"`` or ``"int4"``) keeps every decoder linear of a safetensors
-    checkpoint in that weight-only block format (``quire.models.quant_linear``); the embedding and
-    LM head stay dense. A GGUF file's quantized tensors are kept as they are stored.
+    checkpoint in that weight-only block format (``quire.models.quant_linear``), and the embedding
+    and LM head in int8 (``VOCAB_METHODS``). A GGUF file's quantized tensors are kept as they are
+    stored.
     The returned module is in eval mode with ``requires_grad`` off; its ``config`` attribute is
     the parsed ``ModelArchConfig`` (pass ``arch_config`` when already read, to skip reading it
     again). ``progress`` shows a tqdm bar on stderr.
@@ -212,9 +213,10 @@ def load_model(
     )
     fmt.fill(model, path, progress)
     if quantization is not None:
-        from quire.models.quant_linear import quantize_weight
+        from quire.models.quant_linear import VOCAB_METHODS, quantize_weight
 
         model.quantize_linears(lambda weight: quantize_weight(weight, quantization))
+        model.quantize_vocab_matrices(lambda weight: quantize_weight(weight, VOCAB_METHODS[quantization]))
     if hasattr(model, "prepare_for_inference"):
         model.prepare_for_inference()
     return model.eval()

@@ -191,6 +191,13 @@ QUANT_TYPES: dict[str, QuantFormat] = {
 # --quantization method (quire.config.QUANTIZATION_METHODS) -> the block format it produces.
 METHOD_FORMATS: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_1"}
 assert tuple(METHOD_FORMATS) == QUANTIZATION_METHODS, "every --quantization method needs a format"
+# The method the token embedding (and so a tied LM head) gets under each --quantization: 8 bits for
+# both. The LM head sets the logits directly, so it keeps the finer format (as llama.cpp's 4-bit
+# files keep their output matrix at 6 or 8 bits); it is still a quarter of bf16's bytes, which
+# matters because in a small model it is a large share of each decode step's reads (a fifth of
+# smollm2-135m's weights).
+VOCAB_METHODS: dict[str, str] = {"int8": "int8", "int4": "int8"}
+assert tuple(VOCAB_METHODS) == QUANTIZATION_METHODS, "every --quantization method needs a vocabulary method"
 
 
 # --- the interleaved layout -------------------------------------------------------------------------
