@@ -116,6 +116,26 @@ def test_prefix_hit_requires_identical_prefix_and_leaves_a_token():
     assert_all_free(kv)
 
 
+def test_prefix_lookups_count_once_per_admission_not_per_retry():
+    # The pool (8 blocks of 4) holds "big" alone; "small" waits at the head of the queue for
+    # several steps. Its repeated lookups must not inflate the hit-rate denominator.
+    core, kv, _ = make_core(num_blocks=8, budget=28)
+    core.add_request(core_request("big", range(100, 128), max_tokens=4))
+    core.add_request(core_request("small", range(1, 14), max_tokens=1))
+    steps_small_waited = 0
+    for _ in range(100):
+        if not core.has_unfinished():
+            break
+        core.step()
+        steps_small_waited += core.scheduler.requests.get("small") is not None and (
+            core.scheduler.requests["small"].num_computed_tokens == 0
+        )
+    assert steps_small_waited >= 2, "the test needs 'small' to be refused admission repeatedly"
+    assert core.scheduler.num_preemptions_total == 0
+    assert kv.stats.queries == 28 + 13
+    assert_all_free(kv)
+
+
 def test_prefix_cache_off_never_hits():
     core, kv, _ = make_core(caching=False)
     for rid in "ab":

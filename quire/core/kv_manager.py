@@ -78,9 +78,19 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, request: Request, cached_prefix: list[KVBlock]) -> None:
+        """Count one admission's lookup in the hit-rate statistics.
+
+        Called once the request is admitted, not on every lookup: a request at the head of the
+        queue is looked up again each step while the pool is too full to admit it, and counting
+        those retries would weight the hit rate towards whichever requests waited longest.
+        """
+        if not self.enable_caching:
+            return
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(cached_prefix) * self.block_size
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, cached_prefix: list[KVBlock] | None = None

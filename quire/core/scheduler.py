@@ -203,6 +203,8 @@ class Scheduler:
                 break
             heapq.heappop(self._waiting)
             self._num_waiting -= 1
+            if fresh:
+                self.kv.record_prefix_lookup(request, prefix)
             request.num_computed_tokens = computed
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = computed
