@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from quire.config import QUANTIZATION_METHODS, EngineArgs
+from quire.serving.ray_cli import add_replica_arguments
 from quire.structured.tool_parsers import tool_parser_names
 
 
@@ -136,6 +137,10 @@ def _serve(ns: argparse.Namespace) -> int:
     )
     # One JSON line per request is part of the service, whatever --log-level says for the rest.
     logging.getLogger("quire.requests").setLevel(logging.INFO)
+    from quire.serving.ray_cli import serve_on_ray, wants_ray
+
+    if wants_ray(ns):
+        return serve_on_ray(engine_args_from(ns), settings, ns)
     return serve(engine_args_from(ns), settings, log_level=ns.log_level)
 
 
@@ -443,6 +448,86 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     plot.set_defaults(handler=_bench_plot)
 
 
+def _plan_results(ns: argparse.Namespace) -> str:
+    """The results file to plan from: the one given, or one ``quire bench serve ARGS`` writes now
+    (the same command, run in this process; its table goes to stderr under --json)."""
+    import contextlib
+    import shlex
+    import tempfile
+
+    if (ns.results is None) == (ns.bench is None):
+        raise ValueError("give either a results file (quire bench serve --save FILE) or --bench 'ARGS'")
+    if ns.results is not None:
+        return ns.results
+    bench = parse_args(["bench", "serve", *shlex.split(ns.bench)])
+    if bench.save is None:
+        bench.save = os.path.join(tempfile.mkdtemp(prefix="quire-plan-"), "bench.json")
+    # The bench table's goodput column then counts requests within the plan's SLO.
+    bench.slo_ttft_ms = bench.slo_ttft_ms if bench.slo_ttft_ms is not None else ns.slo_ttft_ms
+    bench.slo_tpot_ms = bench.slo_tpot_ms if bench.slo_tpot_ms is not None else ns.slo_tpot_ms
+    with contextlib.redirect_stdout(sys.stderr if ns.json else sys.stdout):
+        bench.handler(bench)  # failed requests fail their level's SLO check; no need to stop here
+    return bench.save
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from quire.bench.plan import (
+        OfferedLoad,
+        PlanSLO,
+        check_headroom,
+        check_offered,
+        make_plan,
+        resolve_lengths,
+    )
+    from quire.bench.plan_report import format_levels, format_plan, plan_to_dict, plot_plan
+    from quire.bench.report import load_run
+
+    # Every flag is checked before --bench spends minutes measuring.
+    slo = PlanSLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, percentile=ns.percentile)
+    check_offered(ns.rate, ns.tokens_per_hour)
+    check_headroom(ns.headroom)
+    run = load_run(_plan_results(ns))
+    input_len, output_len = resolve_lengths(run, ns.input_len, ns.output_len)
+    load = OfferedLoad(input_len, output_len, request_rate=ns.rate, tokens_per_hour=ns.tokens_per_hour)
+    plan = make_plan(run, slo, load, headroom=ns.headroom)
+    if ns.json:
+        print(json.dumps(plan_to_dict(plan), indent=2))
+    else:
+        print(format_levels(plan))
+        print()
+        print(format_plan(plan))
+    if ns.plot:
+        plot_plan(plan, ns.plot)
+        print(f"plotted {ns.plot}", file=sys.stderr)
+    return 0
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="replicas, queue depth and HPA target for a load, from bench results")
+    plan.add_argument("results", nargs="?", default=None, help="JSON written by quire bench serve --save")
+    plan.add_argument(
+        "--bench",
+        default=None,
+        metavar="ARGS",
+        help="instead of a results file, run quire bench serve ARGS first, e.g. "
+        "--bench '--base-url URL --model NAME --concurrency 1,8,32 --save run.json'",
+    )
+    plan.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target")
+    plan.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target")
+    plan.add_argument("--percentile", type=int, default=99, choices=(50, 90, 99), help="SLO percentile")
+    load = plan.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, default=None, help="offered load in requests/s")
+    load.add_argument(
+        "--tokens-per-hour", type=float, default=None, help="offered load in (prompt + output) tokens/hour"
+    )
+    plan.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: the benchmark's)")
+    plan.add_argument("--output-len", type=int, default=None, help="output tokens (default: the benchmark's)")
+    plan.add_argument("--headroom", type=float, default=1.3, help="spare capacity factor (>= 1)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--plot", default=None, metavar="FILE.png", help="latency against load, SLO lines")
+    plan.set_defaults(handler=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quire", description="quire: an LLM inference server")
     parser.add_argument("--log-level", default="WARNING")
@@ -464,9 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     add_engine_arguments(srv)
     add_server_arguments(srv)
+    add_replica_arguments(srv)
     srv.set_defaults(handler=_serve)
 
     add_bench_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

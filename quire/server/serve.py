@@ -117,20 +117,30 @@ def default_model_name(args: EngineArgs) -> str:
     return default_model().served_name
 
 
-def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING") -> int:
-    """Run the server until it is stopped; returns the process exit code."""
+def make_server_state(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING") -> ServerState:
+    """The ``ServerState`` of one server: tokenizer, chat template, sampling defaults, served
+    names and a ``ProcessEngineClient`` (not started; the app's lifespan starts it). Shared by
+    ``serve`` and the Ray Serve replicas, so a replica serves exactly what ``quire serve`` would."""
     model_path = resolve_model_path(args)
     tokenizer = Tokenizer.from_path(model_path)  # fails fast, before anything slow, on a bad directory
     if settings.chat_template is not None:
         tokenizer.set_chat_template(read_template_argument(settings.chat_template))
     defaults = load_sampling_defaults(settings.generation_config, model_path)
     settings = dataclasses.replace(settings, sampling_defaults=defaults)
-    print(f"quire: {defaults.describe()}", flush=True)
     names = settings.served_model_names or (default_model_name(args),)
     client = ProcessEngineClient(
         args, model_path, tokenizer, log_level=log_level, load_timeout=settings.engine_load_timeout
     )
-    state = ServerState(settings, client, names, model_path, args.max_num_seqs)
+    return ServerState(settings, client, names, model_path, args.max_num_seqs)
+
+
+def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING") -> int:
+    """Run the server until it is stopped; returns the process exit code."""
+    state = make_server_state(args, settings, log_level)
+    settings, names, model_path = state.settings, state.model_names, state.model_path
+    client = state.client
+    assert isinstance(client, ProcessEngineClient)  # for remove_socket_dir below
+    print(f"quire: {settings.sampling_defaults.describe()}", flush=True)
     config = uvicorn.Config(
         build_app(state),
         host=settings.host,
