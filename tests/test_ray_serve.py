@@ -8,6 +8,7 @@ router, and the replica-kill test comes last (it leaves a replaced replica behin
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -228,6 +229,7 @@ def test_prefix_router_hits_more_than_the_default_router(service: RayService) ->
         _run_workload(service.url, prompts)
         hits, queries = service.prefix_totals()
         rates[router] = (hits - hits0) / (queries - queries0)
+    print(f"\nprefix-cache hit rate by router: {rates}")
     # Prefix routing: only each group's first request misses (3 of 4 hit). Ray's default router
     # scatters a group over both replicas, so both must compute its prefix once.
     assert rates["prefix"] > rates["pow2"], rates
@@ -283,6 +285,7 @@ def test_requests_are_served_by_both_replicas(prefix_service: RayService) -> Non
             return [r.headers[REPLICA_HEADER] for r in await asyncio.gather(*requests)]
 
     served = asyncio.run(burst())
+    print(f"\nrequests served per replica: {sorted(collections.Counter(served).values(), reverse=True)}")
     assert set(served) == {r["replica"] for r in prefix_service.replicas()}
 
 
@@ -429,6 +432,9 @@ def test_killed_replica_is_retried_cut_cleanly_and_replaced(prefix_service: RayS
             (True, None) if s["replica"] == victim["replica"] else (False, "length")
         )
     assert any(s["error"] for s in streamed)
+    retried = svc.metrics().get(("quire:ray_request_retries_total", ""), 0.0) - retries0
+    cut = sum(s["error"] for s in streamed)
+    print(f"\nreplica killed: 8/8 plain requests answered 200 ({retried:g} retries), {cut} of 8 streams cut")
     # The dead replica's engine process exits with it; Serve starts a replacement.
     deadline = time.monotonic() + 30
     assert victim_engine is not None
