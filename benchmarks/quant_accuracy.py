@@ -10,7 +10,9 @@ LM head Q8_0). Every variant below starts from that file's weights, dequantized 
 - ``bf16-dequant``: every matrix rounded to bf16 (computed in fp32 on bf16 panels);
 - ``gguf-q4_1``: the file as quire serves it, blocks kept packed;
 - ``int8`` / ``int4``: the decoder linears re-quantized from the fp32 dequantized weights with
-  ``--quantization int8`` (Q8_0) / ``int4`` (Q4_1) at load, embedding and LM head as in the file.
+  ``--quantization int8`` (Q8_0) / ``int4`` (Q4_1) at load, embedding and LM head as in the file;
+- ``gguf-q4_1-a8`` / ``int8-a8`` / ``int4-a8``: those three with ``--quantized-activations int8``
+  (activations entering every Q8_0/Q4_1 matrix, the LM head included, quantized to int8 per 32).
 
 The text is fixed and local: the docstrings of a list of Python standard-library modules (this
 interpreter's), tokenized with the model's own tokenizer, the first ``--tokens`` tokens scored in
@@ -38,7 +40,7 @@ from quire.models.cpu_linear import CpuLinearWeight
 from quire.models.default_model import smollm2_gguf
 from quire.models.llama import Linear, VocabMatrix
 from quire.models.loader import load_model, read_arch_config
-from quire.models.quant_linear import QuantizedLinearWeight, quantize_weight
+from quire.models.quant_linear import QuantizedLinearWeight, apply_quantized_activations, quantize_weight
 from quire.tokenizer import Tokenizer
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
 from quire.worker.kv_cache import allocate_kv_caches
@@ -118,6 +120,11 @@ VARIANTS: dict[str, Callable[[torch.nn.Module], None]] = {
     "int8": lambda m: rebuild(m, lambda w: quantize_weight(w, "int8"), vocab=False, round_to=None),
     "int4": lambda m: rebuild(m, lambda w: quantize_weight(w, "int4"), vocab=False, round_to=None),
 }
+for _name in ("gguf-q4_1", "int8", "int4"):
+    VARIANTS[f"{_name}-a8"] = lambda m, weights=VARIANTS[_name]: (
+        weights(m),
+        apply_quantized_activations(m, "int8"),
+    )
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """Quantized-weight linear layers against the bf16 panel GEMM, on smollm2-135m's shapes.
 
     .venv/bin/python benchmarks/quant_gemm.py [--rows 1 32] [--types Q8_0 Q4_1 Q4_K] [--reps 7] [--threads N]
-                                              [--gguf-layout]
+                                              [--gguf-layout] [--a8]
 
 For each shape and row count, times ``quant_linear`` (weights in a GGUF block format) and
 ``packed_linear`` with bf16 panels over enough copies of the weight that they do not fit in the
@@ -24,9 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quire.kernels.cpu_ops import cpu_ops  # noqa: E402
 from quire.models.quant_linear import (  # noqa: E402
+    INT8_ACTIVATIONS_FLAG,
     INTERLEAVED_FLAG,
+    QUAD_RUN,
     QUANT_TYPES,
     QuantizedLinearWeight,
+    interleave_rows,
 )
 
 # smollm2-135m's linear layers, [out_features, in_features].
@@ -78,6 +81,11 @@ def main() -> None:
         action="store_true",
         help="also time Q8_0/Q4_0/Q4_1 in GGUF's row layout (columns marked /gguf) besides the interleaved one",
     )
+    parser.add_argument(
+        "--a8",
+        action="store_true",
+        help="also time Q8_0/Q4_0/Q4_1 with int8 activations (--quantized-activations int8; columns marked /a8)",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -88,13 +96,16 @@ def main() -> None:
     print(
         f"threads={torch.get_num_threads()}  ratio = bf16-panel time / quantized time (median of {args.reps})"
     )
-    # (column label, quant type, layout flag): what QuantizedLinearWeight keeps, and optionally GGUF's rows.
+    # (column label, quant type, layout): what QuantizedLinearWeight keeps ("interleaved" for Q8_0 /
+    # Q4_0 / Q4_1, "gguf" rows for the K-quants), optionally GGUF's rows and the int8-activation path.
     columns = []
     for t in args.types:
         interleaved = QUANT_TYPES[t].interleave_head > 0
-        columns.append((t, t, interleaved))
+        columns.append((t, t, "interleaved" if interleaved else "gguf"))
         if interleaved and args.gguf_layout:
-            columns.append((f"{t}/gguf", t, False))
+            columns.append((f"{t}/gguf", t, "gguf"))
+        if interleaved and args.a8:
+            columns.append((f"{t}/a8", t, "a8"))
     print(f"{'shape':>8} {'rows':>4} {'bf16 us':>9} " + " ".join(f"{c[0]:>14}" for c in columns))
     for name in args.shapes:
         out_features, in_features = SHAPES[name]
@@ -107,10 +118,14 @@ def main() -> None:
             if in_features % QUANT_TYPES[t].block_elems == 0
         }
         # The layout QuantizedLinearWeight keeps (interleaved for Q8_0 / Q4_0 / Q4_1).
-        packed = {
-            t: [QuantizedLinearWeight(raw, t, in_features).packed for raw in copies]
-            for t, copies in raws.items()
-        }
+        layouts: dict[str, dict[str, list[torch.Tensor]]] = {"gguf": raws, "interleaved": {}, "a8": {}}
+        for t, copies in raws.items():
+            if QUANT_TYPES[t].interleave_head > 0:
+                layouts["interleaved"][t] = [
+                    QuantizedLinearWeight(raw, t, in_features).packed for raw in copies
+                ]
+                if args.a8:
+                    layouts["a8"][t] = [interleave_rows(raw, QUANT_TYPES[t], QUAD_RUN) for raw in copies]
 
         def bf16(x: torch.Tensor, p: torch.Tensor, n: int = out_features) -> torch.Tensor:
             return ops.packed_linear(x, p, n, None)
@@ -119,12 +134,13 @@ def main() -> None:
             x = torch.randn(rows, in_features, generator=gen)
             cells = []
             base_times = []
-            for _, quant_type, interleaved in columns:
+            for _, quant_type, layout in columns:
                 if quant_type not in raws:  # K-quants need in_features to be a multiple of 256
                     cells.append(f"{'n/a':>14}")
                     continue
-                type_id = QUANT_TYPES[quant_type].ggml_type + (INTERLEAVED_FLAG if interleaved else 0)
-                weights = packed[quant_type] if interleaved else raws[quant_type]
+                flag = {"gguf": 0, "interleaved": INTERLEAVED_FLAG, "a8": INT8_ACTIVATIONS_FLAG}[layout]
+                type_id = QUANT_TYPES[quant_type].ggml_type + flag
+                weights = layouts[layout][quant_type]
 
                 def quant(
                     x: torch.Tensor, raw: torch.Tensor, t: int = type_id, k: int = in_features

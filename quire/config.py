@@ -12,6 +12,10 @@ from dataclasses import dataclass
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Weight-only quantization applied at load (vLLM's --quantization name): int8 -> Q8_0, int4 -> Q4_1.
 QUANTIZATION_METHODS = ("int8", "int4")
+# Opt-in activation quantization for quantized weights (--quantized-activations): "int8" quantizes x
+# per 32-element block inside Q8_0/Q4_0/Q4_1 products (integer dot products, llama.cpp's approach).
+# Off by default: logits then differ from the fp32 product with the dequantized weights.
+QUANTIZED_ACTIVATIONS = ("int8",)
 _MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -48,6 +52,8 @@ class ModelConfig:
     float32 on a CPU (bf16 matmuls are slow without AVX-512 BF16) and the checkpoint's dtype on
     CUDA. ``quantization`` (``"int8"``/``"int4"``) keeps a Hugging Face checkpoint's decoder
     linears quantized in memory; a GGUF file is used as stored and refuses it at load.
+    ``quantized_activations="int8"`` also quantizes the activations entering Q8_0/Q4_0/Q4_1 weights
+    (faster decode, less exact); a model without such weights refuses it at load.
     """
 
     model: str
@@ -56,6 +62,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     quantization: str | None = None
+    quantized_activations: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -68,6 +75,11 @@ class ModelConfig:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset), "
                 f"got {self.quantization!r}"
+            )
+        if self.quantized_activations is not None and self.quantized_activations not in QUANTIZED_ACTIVATIONS:
+            raise ValueError(
+                f"quantized_activations must be one of {', '.join(QUANTIZED_ACTIVATIONS)} (or unset), "
+                f"got {self.quantized_activations!r}"
             )
 
 
@@ -149,6 +161,7 @@ class EngineArgs:
     seed: int = 0
     show_progress: bool = True
     quantization: str | None = None
+    quantized_activations: str | None = None
 
     def model_config(self, model_path: str) -> ModelConfig:
         return ModelConfig(
@@ -158,6 +171,7 @@ class EngineArgs:
             max_model_len=self.max_model_len,
             seed=self.seed,
             quantization=self.quantization,
+            quantized_activations=self.quantized_activations,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from quire.config import QUANTIZATION_METHODS, EngineArgs
+from quire.config import QUANTIZATION_METHODS, QUANTIZED_ACTIVATIONS, EngineArgs
 from quire.serving.ray_cli import add_replica_arguments
 from quire.structured.tool_parsers import tool_parser_names
 
@@ -46,6 +46,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep a Hugging Face checkpoint's decoder linears in int8 (Q8_0) or int4 (Q4_1) blocks; "
         "not for .gguf files, which are used as stored",
     )
+    parser.add_argument("--quantized-activations", default=None, choices=list(QUANTIZED_ACTIVATIONS), help="int8: quantize activations entering Q8_0/Q4_0/Q4_1 weights (faster decode, less exact)")  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -62,6 +63,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_chunked_prefill=not ns.no_chunked_prefill,
         seed=ns.seed,
         quantization=ns.quantization,
+        quantized_activations=ns.quantized_activations,
     )
 
 

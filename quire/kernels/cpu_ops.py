@@ -49,6 +49,9 @@ _SOURCES = [
         "decode_layer.cpp",
         "linear_operand.cpp",
         "packed_gemm.cpp",
+        "quant_a8.cpp",
+        "quant_a8_avx2.cpp",
+        "quant_a8_vnni.cpp",
         "quant_gemm.cpp",
         "quant_panel.cpp",
     )
@@ -61,6 +64,8 @@ _HEADERS = [
         "linear_operand.h",
         "packed_gemm.h",
         "panel_tile.h",
+        "quant_a8.h",
+        "quant_a8_kernel.h",
         "quant_gemm.h",
         "quant_blocks.h",
         "quant_panel.h",

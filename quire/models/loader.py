@@ -184,6 +184,7 @@ def load_model(
     attention_backend: AttentionBackend | None = None,
     quantization: str | None = None,
     arch_config: ModelArchConfig | None = None,
+    quantized_activations: str | None = None,
 ) -> nn.Module:
     """Construct the model for the checkpoint at ``path`` (a Hugging Face directory or a ``.gguf``
     file) and fill it with the checkpoint's weights.
@@ -191,7 +192,9 @@ def load_model(
     ``quantization`` (``"int8"`` or ``"int4"``) keeps every decoder linear of a safetensors
     checkpoint in that weight-only block format (``quire.models.quant_linear``), and the embedding
     and LM head in int8 (``VOCAB_METHODS``). A GGUF file's quantized tensors are kept as they are
-    stored.
+    stored. ``quantized_activations="int8"`` then makes every Q8_0/Q4_0/Q4_1 weight quantize its
+    input to int8 (``quire.models.quant_linear.apply_quantized_activations``; a ``ValueError`` for a
+    model without such weights).
     The returned module is in eval mode with ``requires_grad`` off; its ``config`` attribute is
     the parsed ``ModelArchConfig`` (pass ``arch_config`` when already read, to skip reading it
     again). ``progress`` shows a tqdm bar on stderr.
@@ -217,6 +220,10 @@ def load_model(
 
         model.quantize_linears(lambda weight: quantize_weight(weight, quantization))
         model.quantize_vocab_matrices(lambda weight: quantize_weight(weight, VOCAB_METHODS[quantization]))
+    if quantized_activations is not None:
+        from quire.models.quant_linear import apply_quantized_activations
+
+        apply_quantized_activations(model, quantized_activations)
     if hasattr(model, "prepare_for_inference"):
         model.prepare_for_inference()
     return model.eval()

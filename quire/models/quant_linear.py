@@ -19,6 +19,13 @@ error in tests/test_quant_kernels.py), and the demo GGUF model uses it, so its k
 Q8_0 / Q4_0 / Q4_1 are kept with 8 output rows interleaved (``interleave_rows``: a permutation
 of the file's bytes, see below), which the decode kernel reads 8 columns at a time.
 
+Opt-in int8 activations (``--quantized-activations int8``, ``apply_quantized_activations``): the
+Q8_0 / Q4_0 / Q4_1 weights switch to the quad layout and every product quantizes x per 32-element
+block to int8 (llama.cpp's approach) for integer dot products (``csrc/quant_a8.cpp``; VNNI where
+the CPU has it). ~1.7-2.9x the bf16 panel GEMM at 1 and 32 rows (benchmarks/quant_gemm.py --a8),
+but logits move by ~1% of their spread, so the exact fp32-activation path stays the default.
+``int8_activation_reference`` is its math in torch (the tests' reference and the fallback).
+
 Speed today (``benchmarks/quant_gemm.py``: smollm2-135m shapes, weights streamed from memory, 2
 AVX2 cores of an AMD EPYC Zen 1, against the bf16 panel GEMM of ``cpu_linear.py``; a loaded
 machine): at 1 row Q4_1 ~1.35-1.4x, Q8_0 ~1.2x (GGUF's row layout: ~1.0x); at 4 rows ~0.85-1.05x;
@@ -35,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quire.config import QUANTIZATION_METHODS
+from quire.config import QUANTIZATION_METHODS, QUANTIZED_ACTIVATIONS
 from quire.kernels.cpu_ops import cpu_ops
 
 _QK_K = 256  # elements per K-quant super-block
@@ -210,10 +217,19 @@ assert tuple(VOCAB_METHODS) == QUANTIZATION_METHODS, "every --quantization metho
 # kInterleavedFlag in quant_blocks.h.
 _GROUP = 8
 INTERLEAVED_FLAG = 256  # added to a GGML type id: quant_linear gets the interleaved layout (quant_blocks.h)
+INT8_ACTIVATIONS_FLAG = 512  # instead: the quad layout, and x quantized to int8 in the kernel (quant_a8.h)
 
 
-def interleave_rows(rows: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """GGUF rows uint8 [n, row_bytes] -> the interleaved layout [ceil(n / 8) * 8, row_bytes]."""
+# With int8 activations (QUANTIZED_ACTIVATIONS) the quant bytes go in runs of 4 per row instead
+# of 1 (the "quad layout", kInt8ActivationsFlag in quant_a8.h): one 32-byte load then holds 4
+# consecutive quant bytes of each of the 8 rows, what vpdpbusd / vpmaddubsw multiply per 32-bit lane.
+QUAD_RUN = 4
+
+
+def interleave_rows(rows: torch.Tensor, fmt: QuantFormat, run: int = 1) -> torch.Tensor:
+    """GGUF rows uint8 [n, row_bytes] -> the interleaved layout [ceil(n / 8) * 8, row_bytes]: per
+    group and block, the 8 rows' header fields, then their quant bytes in runs of ``run`` per row
+    (1: the interleaved layout, QUAD_RUN: the quad layout)."""
     n, row_bytes = rows.shape
     padded = -(-n // _GROUP) * _GROUP
     if padded != n:
@@ -222,20 +238,22 @@ def interleave_rows(rows: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     blocks = rows.reshape(padded // _GROUP, _GROUP, -1, block_bytes).transpose(1, 2)  # [G, nb, 8, bytes]
     groups, nb = blocks.shape[:2]
     fields = blocks[..., :head].reshape(groups, nb, _GROUP, head // 2, 2).transpose(2, 3)
-    quants = blocks[..., head:].transpose(2, 3)
+    quants = blocks[..., head:].reshape(groups, nb, _GROUP, -1, run).transpose(2, 3)
     return torch.cat([fields.reshape(groups, nb, -1), quants.reshape(groups, nb, -1)], dim=2).reshape(
         padded, row_bytes
     )
 
 
-def deinterleave_groups(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def deinterleave_groups(packed: torch.Tensor, fmt: QuantFormat, run: int = 1) -> torch.Tensor:
     """The inverse of interleave_rows for whole groups: uint8 [8 * g, row_bytes] -> GGUF rows, same shape."""
     head, block_bytes = fmt.interleave_head, fmt.block_bytes
     groups, row_bytes = packed.shape[0] // _GROUP, packed.shape[1]
     chunks = packed.reshape(groups, -1, _GROUP * block_bytes)  # [G, nb, 8 * bytes]
     nb = chunks.shape[1]
     fields = chunks[..., : _GROUP * head].reshape(groups, nb, head // 2, _GROUP, 2).transpose(2, 3)
-    quants = chunks[..., _GROUP * head :].reshape(groups, nb, block_bytes - head, _GROUP).transpose(2, 3)
+    quant_bytes = block_bytes - head
+    quants = chunks[..., _GROUP * head :].reshape(groups, nb, quant_bytes // run, _GROUP, run).transpose(2, 3)
+    quants = quants.reshape(groups, nb, _GROUP, quant_bytes)
     blocks = torch.cat([fields.reshape(groups, nb, _GROUP, head), quants], dim=3)  # [G, nb, 8, bytes]
     return blocks.transpose(1, 2).reshape(groups * _GROUP, row_bytes)
 
@@ -282,6 +300,9 @@ class QuantizedLinearWeight:
         self.interleaved = fmt.interleave_head > 0
         # Our own copy, never a view of a caller's mmap (interleave_rows writes a new tensor).
         self.packed = interleave_rows(raw, fmt) if self.interleaved else raw.contiguous().clone()
+        # How products treat x: None keeps it fp32; "int8" (use_int8_activations) quantizes it.
+        self.activations: str | None = None
+        self._run = 1  # quant bytes per row run in ``packed`` (interleave_rows)
         self._row_gather: torch.Tensor | None = None  # built by the first embedding lookup
         ops = cpu_ops()
         # A kernel build from before the quantized ops existed keeps the torch path.
@@ -297,7 +318,25 @@ class QuantizedLinearWeight:
         """The weight in GGUF's byte layout, uint8 ``[out_features, row_bytes]`` (a new tensor if interleaved)."""
         if not self.interleaved:
             return self.packed
-        return deinterleave_groups(self.packed, self.format)[: self.out_features]
+        return deinterleave_groups(self.packed, self.format, self._run)[: self.out_features]
+
+    @property
+    def supports_int8_activations(self) -> bool:
+        """Whether this format has the int8-activation kernels (Q8_0, Q4_0, Q4_1; not the K-quants)."""
+        return self.interleaved
+
+    def use_int8_activations(self) -> None:
+        """From now on quantize x to int8 per 32-element block inside each product (integer dot
+        products, ``quire/kernels/csrc/quant_a8.cpp``): faster at decode, but no longer the fp32
+        product with the dequantized weight (``int8_activation_reference`` gives its exact math).
+        Re-lays the bytes out in the quad layout (a permutation, nothing expanded)."""
+        if not self.supports_int8_activations:
+            raise ValueError(f"{self.quant_type} has no int8-activation kernels (Q8_0, Q4_0 and Q4_1 do)")
+        if self.activations == "int8":
+            return
+        rows = deinterleave_groups(self.packed, self.format, self._run)  # padding rows included
+        self.packed = interleave_rows(rows, self.format, QUAD_RUN)
+        self._run, self.activations, self._row_gather = QUAD_RUN, "int8", None
 
     def __repr__(self) -> str:
         return f"QuantizedLinearWeight({self.quant_type}, out={self.out_features}, in={self.in_features})"
@@ -320,7 +359,8 @@ class QuantizedLinearWeight:
             # Where row i of a group keeps its GGUF bytes in the group's interleaved bytes: the
             # inverse layout applied to byte offsets (one small table, [8, row_bytes]).
             offsets = torch.arange(self.packed[:_GROUP].numel(), dtype=torch.int32)
-            self._row_gather = deinterleave_groups(offsets.view(_GROUP, -1), self.format).to(torch.int64)
+            gather = deinterleave_groups(offsets.view(_GROUP, -1), self.format, self._run)
+            self._row_gather = gather.to(torch.int64)
         groups = self.packed.view(-1, self._row_gather.numel()).index_select(0, ids // _GROUP)
         return groups.gather(1, self._row_gather.index_select(0, ids % _GROUP))
 
@@ -333,7 +373,9 @@ class QuantizedLinearWeight:
 
     @property
     def kernel_type_id(self) -> int:
-        """The type id the compiled kernels take for ``packed``: GGML's, flagged if interleaved."""
+        """The type id the compiled kernels take for ``packed``: GGML's, flagged by its layout."""
+        if self.activations == "int8":
+            return self.format.ggml_type + INT8_ACTIVATIONS_FLAG
         return self.format.ggml_type + (INTERLEAVED_FLAG if self.interleaved else 0)
 
     def fused_decode_operand(self) -> object | None:
@@ -349,6 +391,8 @@ class QuantizedLinearWeight:
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be float32 [..., {self.in_features}], got {x.dtype} {tuple(x.shape)}")
         if self._ops is None or x.device.type != "cpu":
+            if self.activations == "int8":
+                return int8_activation_reference(x, self, bias).to(x.dtype)
             return F.linear(x, self.dequantize().to(x.device), bias)
         rows = x.reshape(-1, self.in_features).contiguous()
         bias = None if bias is None else bias.contiguous()
@@ -387,3 +431,83 @@ def quantize_weight(weight: torch.Tensor, method: str) -> QuantizedLinearWeight:
     blocks = weight.detach().to(device="cpu", dtype=torch.float32).reshape(-1, fmt.block_elems)
     raw = fmt.quantize_blocks(blocks).reshape(out_features, fmt.row_bytes(in_features))
     return QuantizedLinearWeight(raw, quant_type, in_features)
+
+
+# --- int8 activations: the kernels' math in torch ---------------------------------------------------
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``[rows, k]`` -> (int8-valued fp32 ``[rows, k / 32, 32]``, fp32 scales ``[rows, k / 32]``),
+    with the same fp32 operations as the kernels (quant_a8.cpp), so the integers are identical:
+    d = max|x| / 127 per block, q = round_half_even(x * (1 / d)) clamped to [-127, 127]."""
+    blocks = x.reshape(x.shape[0], -1, 32).to(torch.float32)
+    d = blocks.abs().amax(dim=-1) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return torch.round(blocks * inv.unsqueeze(-1)).clamp(-127, 127), d
+
+
+def _integer_blocks(
+    fmt: QuantFormat, blocks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 [blocks, bytes] of Q8_0 / Q4_0 / Q4_1 -> (integer quants [blocks, 32], d, m) with each
+    block's weights = d * q + m (Q4_0's q already minus 8, m = 0)."""
+    d = _f16(blocks, 0).squeeze(-1)
+    m = torch.zeros_like(d)
+    if fmt.name == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.int32)
+    elif fmt.name == "Q4_0":
+        q = _nibbles(blocks[:, 2:], 16).to(torch.int32) - 8
+    else:
+        q = _nibbles(blocks[:, 4:], 16).to(torch.int32)
+        m = _f16(blocks, 2).squeeze(-1)
+    return q, d, m
+
+
+def int8_activation_reference(
+    x: torch.Tensor, weight: QuantizedLinearWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``weight(x)`` under int8 activations, computed plainly in torch (float64 sums, exact integer
+    dots): per 32-block b, d_w * d_x * dot(q_x, q_w) + m_w * d_x * sum(q_x). What the kernels compute
+    up to fp32 summation order; also the product where the kernels are missing. fp32 out."""
+    if not weight.supports_int8_activations:
+        raise ValueError(f"{weight.quant_type} has no int8-activation path")
+    rows = x.reshape(-1, weight.in_features)
+    qx, dx = quantize_activations_int8(rows.cpu())
+    q, d, m = _integer_blocks(weight.format, weight.gguf_rows().reshape(-1, weight.format.block_bytes))
+    n, nb = weight.out_features, weight.in_features // 32
+    dots = torch.einsum("rbk,nbk->rnb", qx.double(), q.view(n, nb, 32).double())
+    y = torch.einsum("rnb,nb,rb->rn", dots, d.view(n, nb).double(), dx.double())
+    y = y + torch.einsum("nb,rb->rn", m.view(n, nb).double(), (dx.double() * qx.double().sum(-1)))
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y.float().view(*x.shape[:-1], n).to(x.device)
+
+
+def _quantized_weights(method: object) -> list[QuantizedLinearWeight]:
+    """The QuantizedLinearWeight(s) behind a linear method: itself, or a stacked method's parts."""
+    if isinstance(method, QuantizedLinearWeight):
+        return [method]
+    return [part for part in getattr(method, "parts", ()) if isinstance(part, QuantizedLinearWeight)]
+
+
+def apply_quantized_activations(model: torch.nn.Module, mode: str) -> int:
+    """The --quantized-activations hook, run once after the weights are loaded (and quantized):
+    every Q8_0 / Q4_0 / Q4_1 weight of ``model`` (decoder linears, and a quantized embedding / LM
+    head) switches to ``mode`` activations; K-quant weights keep fp32 activations. Returns how many
+    weights switched; ``ValueError`` if none can (a dense model: nothing is quantized)."""
+    if mode not in QUANTIZED_ACTIVATIONS:
+        raise ValueError(
+            f"quantized activations {mode!r} are not supported; supported: {', '.join(QUANTIZED_ACTIVATIONS)}"
+        )
+    switched: dict[int, QuantizedLinearWeight] = {}  # by id: a tied LM head shares the embedding's
+    for module in model.modules():
+        for weight in _quantized_weights(getattr(module, "method", None)):
+            if weight.supports_int8_activations and id(weight) not in switched:
+                weight.use_int8_activations()
+                switched[id(weight)] = weight
+    if not switched:
+        raise ValueError(
+            f"quantized_activations={mode!r} applies to Q8_0/Q4_0/Q4_1 weights, and this model has none: "
+            "add --quantization int8 or int4 (safetensors checkpoints), or load a GGUF file with those types"
+        )
+    return len(switched)

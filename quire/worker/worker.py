@@ -73,6 +73,7 @@ def build_worker(
         progress=show_progress,
         max_positions=max_model_len,
         quantization=model_config.quantization,
+        quantized_activations=model_config.quantized_activations,
         arch_config=arch,
     )
 

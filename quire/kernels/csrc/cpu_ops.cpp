@@ -664,6 +664,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Causal attention of prefill chunks over a paged KV cache, into out (fp32, CPU)");
   m.def("quant_dequantize", &quant_dequantize, "a GGUF block-format [out, row_bytes] weight as fp32 [out, in]",
         py::arg("raw"), py::arg("quant_type"), py::arg("in_features"));
+  m.def("quant_a8_kernel", &quant_a8_kernel, "which int8-activation kernel quant_linear runs on this CPU");
   m.def("quant_linear", &quant_linear, "x W^T (+ b) for a weight kept in a GGUF block format (fp32 x, CPU)",
         py::arg("x"), py::arg("raw"), py::arg("quant_type"), py::arg("in_features"), py::arg("bias") = py::none());
 }

@@ -31,6 +31,7 @@
 #include <memory>
 #include <vector>
 
+#include "quant_a8.h"
 #include "quant_blocks.h"
 #include "quant_panel.h"
 #include "quant_simd.h"
@@ -556,8 +557,16 @@ torch::Tensor quant_dequantize(torch::Tensor raw, int64_t quant_type, int64_t in
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor raw, int64_t quant_type, int64_t in_features,
                            c10::optional<torch::Tensor> bias) {
   const bool interleaved = (quant_type & quire_quant::kInterleavedFlag) != 0;
-  const quire_quant::BlockFormat& format = quire_quant::checked_format(quant_type & ~quire_quant::kInterleavedFlag);
+  const bool int8_activations = (quant_type & quire_quant::kInt8ActivationsFlag) != 0;
+  const quire_quant::BlockFormat& format = quire_quant::checked_format(
+      quant_type & ~(quire_quant::kInterleavedFlag | quire_quant::kInt8ActivationsFlag));
   quire_quant::check_raw(raw, format, in_features);
+  if (int8_activations) {
+    TORCH_CHECK(!interleaved && quire_quant::interleave_head_bytes(format.type) > 0,
+                "int8 activations take Q8_0, Q4_0 or Q4_1 in the quad layout (type id + ",
+                quire_quant::kInt8ActivationsFlag, ", without ", quire_quant::kInterleavedFlag, ")");
+    TORCH_CHECK(raw.size(0) % 8 == 0, "a weight in the quad layout has a multiple of 8 rows, got ", raw.size(0));
+  }
   if (interleaved) {
     TORCH_CHECK(quire_quant::interleave_head_bytes(format.type) > 0, "quant_type ", format.type,
                 " has no interleaved layout (Q8_0, Q4_0 and Q4_1 do)");
@@ -578,6 +587,8 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor raw, int64_t quant_typ
   const float* xd = x.data_ptr<float>();
   const uint8_t* rd = raw.data_ptr<uint8_t>();
   float* yd = y.data_ptr<float>();
+  if (int8_activations)
+    return quant_linear_int8_activations(xd, m_dim, in_features, rd, format.type, n_dim, raw.size(1), bias_data, y);
   if (interleaved) {
 #ifdef QUIRE_QUANT_AVX2
     if (m_dim <= quire_quant::kDirectMaxRows) {

@@ -13,3 +13,12 @@ torch::Tensor quant_dequantize(torch::Tensor raw, int64_t quant_type, int64_t in
 // [rows, out_features]. The weight is decoded block by block inside the product, never whole.
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor raw, int64_t quant_type, int64_t in_features,
                            c10::optional<torch::Tensor> bias);
+
+// The int8-activation path of quant_linear (quant_type with quant_a8.h's kInt8ActivationsFlag),
+// after quant_linear's checks: y is the [m_dim, n_dim] output to fill; returns it.
+torch::Tensor quant_linear_int8_activations(const float* x, int64_t m_dim, int64_t in_features, const uint8_t* raw,
+                                            int64_t quant_type, int64_t n_dim, int64_t row_bytes, const float* bias,
+                                            torch::Tensor y);
+
+// Which int8-activation kernel this build runs on this CPU: "avx512vnni", "avxvnni", "avx2" or "portable".
+std::string quant_a8_kernel();
