@@ -219,7 +219,10 @@ def main() -> None:
     )
     parser.add_argument("--imbalance-ratio", type=float, default=2.0, help="prefix router: see prefix_policy")
     parser.add_argument(
-        "--imbalance-slack", type=int, default=None, help="prefix router (default: the app's, see RayAppConfig)"
+        "--imbalance-slack",
+        type=int,
+        default=None,
+        help="prefix router (default: the app's, see RayAppConfig)",
     )
     ns = parser.parse_args()
     if ns.model == "default":
