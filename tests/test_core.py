@@ -574,3 +574,25 @@ def test_random_failures_never_leak_blocks_or_lose_requests(ops, num_blocks, bud
         for index in range(n):
             if (rid, None) not in ended_by_client and (rid, index) not in ended_by_client:
                 assert (rid, index) in ends
+
+
+def test_engine_loop_releases_idle_memory_each_time_work_runs_out():
+    from quire.frontend import protocol
+    from quire.frontend.core_process import EngineCoreLoop
+
+    core, kv, executor = make_core()
+    releases = []
+    executor.release_idle_memory = lambda: releases.append(core.has_unfinished())
+    # Two bursts of work separated by idle polls, then stop.
+    script = [
+        [protocol.AddRequest(core_request("a", range(1, 9), max_tokens=3))],
+        *[[] for _ in range(3)],  # polls while busy and after "a" finished
+        [protocol.AddRequest(core_request("b", range(1, 9), max_tokens=2))],
+        *[[] for _ in range(3)],
+        None,
+    ]
+    calls = iter(script)
+    EngineCoreLoop(core).run(lambda block: next(calls), lambda batch: None)
+    # Once per busy -> idle transition, and only when nothing was left to run.
+    assert releases == [False, False]
+    assert_all_free(kv)

@@ -87,6 +87,14 @@ class EngineCore:
             self.scheduler.finish(ids[index], RequestStatus.FINISHED_STOPPED)
             self._forget_if_done(request_id)
 
+    def release_idle_memory(self) -> None:
+        """Called when the engine has just run out of work: an executor that keeps memory for
+        reuse between steps (``release_idle_memory``, optional) may give it back until the next
+        request. A no-op for executors without the hook."""
+        release = getattr(self.executor, "release_idle_memory", None)
+        if release is not None:
+            release()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._sequences)
 

@@ -83,8 +83,14 @@ class EngineCoreLoop:
 
     def run(self, receive: Receive, publish: Publish) -> None:
         core = self.core
+        was_busy = False
         while True:
             busy = core.has_unfinished()
+            if was_busy and not busy:
+                # The last request just finished: the memory kept for the next step's activations
+                # goes back to the OS until work returns (EngineCore.release_idle_memory).
+                core.release_idle_memory()
+            was_busy = busy
             messages = receive(not busy)
             if messages is None:
                 return

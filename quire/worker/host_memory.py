@@ -14,7 +14,9 @@ token budget) instead of handing it back between steps.
 Loading a model leaves the opposite kind of garbage: temporaries of the weight conversion (a GGUF
 file's blocks repacked, dtype casts) that are freed once and never needed again. With the high trim
 threshold they would stay resident for the life of the process (about 100 MB for the default
-model), so the worker hands them back once, right after loading (``release_free_heap``).
+model), so the worker hands them back once, right after loading (``release_free_heap``), and the
+model runner hands back the kept activations whenever the engine runs out of work (idle, the
+speed of reuse buys nothing; the first busy step faults them in again).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from quire.core.outputs import NewRequestData, RequestExecutionError, RunnerOutput, SchedulerOutput
 from quire.structured.manager import StructuredOutputManager
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
+from quire.worker.host_memory import release_free_heap
 from quire.worker.sampler import Sampler, SamplingState, make_generator
 
 
@@ -58,6 +59,13 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.sampler = Sampler(vocab_size, device)
         self._states: dict[str, _RequestState] = {}
+
+    def release_idle_memory(self) -> None:
+        """The engine is idle: hand the heap's free pages (the last steps' activations, kept for
+        reuse while busy) back to the OS, so an idle server's RSS is its weights, KV pool and
+        runtime (see quire.worker.host_memory). The next step faults them in again once."""
+        if self.device.type == "cpu":
+            release_free_heap()
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         self._apply_plan(plan)
