@@ -10,13 +10,11 @@ option generates, and its logits stay close to the fp32 path's.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from kernel_fixtures import compiled_cpu_ops
 
 from quire.config import EngineArgs, ModelConfig
-from quire.kernels import cpu_ops as kernels
 from quire.kernels.isa import chosen_tier, supported_tiers
 from quire.models.demo import build_random_checkpoint
 from quire.models.loader import load_model
@@ -47,11 +45,7 @@ def _tier_params() -> list[object]:
 
 @pytest.fixture(params=_tier_params())
 def ops(request: pytest.FixtureRequest):
-    if shutil.which("c++") is None or not kernels.cpu_kernels_enabled():
-        pytest.skip("no compiled CPU kernels here")
-    module = kernels.cpu_ops(request.param)
-    assert module is not None, f"the {request.param} kernels failed to build (see the log)"
-    return module
+    return compiled_cpu_ops(request.param)
 
 
 def _random_weight(quant_type: str, out_features: int, in_features: int, seed: int) -> QuantizedLinearWeight:

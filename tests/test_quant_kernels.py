@@ -9,13 +9,12 @@ float64 product with the dequantized weight, on every instruction-set tier this 
 
 from __future__ import annotations
 
-import shutil
-
 import gguf
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_fixtures import compiled_cpu_ops
 
 import quire.models.quant_linear as quant_linear
 from quire.kernels import cpu_ops as kernels
@@ -68,11 +67,7 @@ def _tier_params() -> list[object]:
 
 @pytest.fixture(params=_tier_params())
 def ops(request: pytest.FixtureRequest):
-    if shutil.which("c++") is None or not kernels.cpu_kernels_enabled():
-        pytest.skip("no compiled CPU kernels here")
-    module = kernels.cpu_ops(request.param)
-    assert module is not None, f"the {request.param} kernels failed to build (see the log)"
-    return module
+    return compiled_cpu_ops(request.param)
 
 
 def _shapes(quant_type: str) -> list[tuple[int, int]]:
