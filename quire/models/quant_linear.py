@@ -300,9 +300,9 @@ class QuantizedLinearWeight:
         self.interleaved = fmt.interleave_head > 0
         # Our own copy, never a view of a caller's mmap (interleave_rows writes a new tensor).
         self.packed = interleave_rows(raw, fmt) if self.interleaved else raw.contiguous().clone()
-        # How products treat x: None keeps it fp32; "int8" (use_int8_activations) quantizes it.
+        # How products treat x: None keeps it fp32; "int8" (use_int8_activations) quantizes it,
+        # and ``packed`` is then in the quad layout.
         self.activations: str | None = None
-        self._run = 1  # quant bytes per row run in ``packed`` (interleave_rows)
         self._row_gather: torch.Tensor | None = None  # built by the first embedding lookup
         ops = cpu_ops()
         # A kernel build from before the quantized ops existed keeps the torch path.
@@ -321,6 +321,11 @@ class QuantizedLinearWeight:
         return deinterleave_groups(self.packed, self.format, self._run)[: self.out_features]
 
     @property
+    def _run(self) -> int:
+        """Quant bytes per row run in ``packed`` (``interleave_rows``): 1, or QUAD_RUN once int8."""
+        return QUAD_RUN if self.activations == "int8" else 1
+
+    @property
     def supports_int8_activations(self) -> bool:
         """Whether this format has the int8-activation kernels (Q8_0, Q4_0, Q4_1; not the K-quants)."""
         return self.interleaved
@@ -336,7 +341,7 @@ class QuantizedLinearWeight:
             return
         rows = deinterleave_groups(self.packed, self.format, self._run)  # padding rows included
         self.packed = interleave_rows(rows, self.format, QUAD_RUN)
-        self._run, self.activations, self._row_gather = QUAD_RUN, "int8", None
+        self.activations, self._row_gather = "int8", None
 
     def __repr__(self) -> str:
         return f"QuantizedLinearWeight({self.quant_type}, out={self.out_features}, in={self.in_features})"
@@ -499,12 +504,12 @@ def apply_quantized_activations(model: torch.nn.Module, mode: str) -> int:
         raise ValueError(
             f"quantized activations {mode!r} are not supported; supported: {', '.join(QUANTIZED_ACTIVATIONS)}"
         )
-    switched: dict[int, QuantizedLinearWeight] = {}  # by id: a tied LM head shares the embedding's
+    switched: set[int] = set()  # ids: a tied LM head shares the embedding's weight
     for module in model.modules():
         for weight in _quantized_weights(getattr(module, "method", None)):
             if weight.supports_int8_activations and id(weight) not in switched:
                 weight.use_int8_activations()
-                switched[id(weight)] = weight
+                switched.add(id(weight))
     if not switched:
         raise ValueError(
             f"quantized_activations={mode!r} applies to Q8_0/Q4_0/Q4_1 weights, and this model has none: "

@@ -96,10 +96,7 @@ class DrainingServer(uvicorn.Server):
             logger.warning("shutdown timeout reached; aborting %d requests still running", state.in_flight)
             # Each gets a 503 error (a last SSE event and [DONE] for streams) rather than a cut
             # body; waiting for them to finish lets those bytes out before connections close.
-            state.fail_in_flight(ServerShutdown())
-            flushed = time.monotonic() + FAIL_FLUSH_S
-            while state.in_flight > 0 and time.monotonic() < flushed:
-                await asyncio.sleep(0.02)
+            await state.fail_in_flight_and_flush(ServerShutdown(), FAIL_FLUSH_S)
         self.should_exit = True
 
     def fail(self, message: str) -> None:

@@ -184,6 +184,16 @@ class ServerState:
             generation.fail(error)
         return len(live)
 
+    async def fail_in_flight_and_flush(self, error: BaseException, flush_s: float) -> int:
+        """``fail_in_flight``, then wait up to ``flush_s`` for those requests to send their error
+        (a last SSE event and [DONE] for streams) before the caller closes connections."""
+        failed = self.fail_in_flight(error)
+        if failed:
+            deadline = time.monotonic() + flush_s
+            while self.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        return failed
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
             self.metrics.inc_rejected("not_found")

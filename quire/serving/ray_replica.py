@@ -150,10 +150,7 @@ class QuireReplica:
         # `quire serve` after --shutdown-timeout, rather than being cut when the engine stops;
         # ray_app's graceful_shutdown_timeout_s leaves time for this and the engine's exit.
         self.state.start_drain()
-        if self.state.fail_in_flight(ServerShutdown()):
-            deadline = time.monotonic() + FAIL_FLUSH_S
-            while self.state.in_flight > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        await self.state.fail_in_flight_and_flush(ServerShutdown(), FAIL_FLUSH_S)
         await self._lifespan.shutdown()  # stops the engine process
 
 

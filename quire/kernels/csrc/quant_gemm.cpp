@@ -561,12 +561,9 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor raw, int64_t quant_typ
   const quire_quant::BlockFormat& format = quire_quant::checked_format(
       quant_type & ~(quire_quant::kInterleavedFlag | quire_quant::kInt8ActivationsFlag));
   quire_quant::check_raw(raw, format, in_features);
-  if (int8_activations) {
-    TORCH_CHECK(!interleaved && quire_quant::interleave_head_bytes(format.type) > 0,
-                "int8 activations take Q8_0, Q4_0 or Q4_1 in the quad layout (type id + ",
-                quire_quant::kInt8ActivationsFlag, ", without ", quire_quant::kInterleavedFlag, ")");
-    TORCH_CHECK(raw.size(0) % 8 == 0, "a weight in the quad layout has a multiple of 8 rows, got ", raw.size(0));
-  }
+  // The format and row count of the quad layout are checked by quant_linear_int8_activations.
+  TORCH_CHECK(!(int8_activations && interleaved), "the quad layout (type id + ", quire_quant::kInt8ActivationsFlag,
+              ") and the interleaved one (+ ", quire_quant::kInterleavedFlag, ") exclude each other");
   if (interleaved) {
     TORCH_CHECK(quire_quant::interleave_head_bytes(format.type) > 0, "quant_type ", format.type,
                 " has no interleaved layout (Q8_0, Q4_0 and Q4_1 do)");
