@@ -669,6 +669,53 @@ def test_cpu_decode_kernel_rejects_bad_block_tables() -> None:
         ops.paged_decode_attention(out, q, k_cache, k_cache, torch.tensor([[1]]), torch.tensor([3]), 1.0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("head_dim", "block_size", "lens"),
+    [
+        (64, 16, [1000]),  # one long context: split into spans that are merged
+        (128, 16, [517, 33]),  # few sequences, split, one shorter than a span
+        (64, 16, [1, 17, 300, 64, 5, 250, 129, 16, 2, 80]),  # many: whole sequences
+        (32, 8, [203, 9]),  # a head_dim with no unrolled kernel
+        (16, 4, [61]),  # rows too narrow for the 8-key tiles
+    ],
+)
+def test_cpu_decode_attention_matches_naive(
+    head_dim: int, block_size: int, lens: list[int], threads: int
+) -> None:
+    """The decode kernel's work split (sequences cut into spans whose partial softmaxes are
+    merged when there are few, whole sequences when there are many) gives the plain softmax
+    attention over each sequence's scattered cache blocks, whatever the thread count."""
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(len(lens) + head_dim)
+    heads, kv_heads = 9, 3
+    max_blocks = max(-(-n // block_size) for n in lens)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 5
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.long)
+    for s, n in enumerate(lens):
+        for b in range(-(-n // block_size)):
+            tables[s, b] = order.pop()
+    q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3  # peaked softmaxes too
+    out = torch.empty_like(q)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ops.paged_decode_attention(out, q, k_cache, v_cache, tables, torch.tensor(lens), head_dim**-0.5)
+    finally:
+        torch.set_num_threads(saved)
+    for s, n in enumerate(lens):
+        rows = tables[s, : -(-n // block_size)]
+        keys = k_cache[rows].reshape(-1, kv_heads, head_dim)[:n]
+        values = v_cache[rows].reshape(-1, kv_heads, head_dim)[:n]
+        expected = _naive_attention(q[s : s + 1], keys, values, first_pos=n - 1)
+        torch.testing.assert_close(out[s : s + 1], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_cpu_fast_path_matches_plain_torch(
     tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, block_size: int

@@ -5,8 +5,11 @@
 // table. The pure-torch path must first gather every sequence's whole context into a padded
 // copy and then run SDPA over it; here each K/V row is read once, in place.
 //
-// Work is split over (sequence, kv head) pairs; the `group` query heads that share a KV head are
-// handled together so each cached row is loaded once for all of them. Accumulation is fp32.
+// A work item is a span of one sequence's cache blocks, all heads together: a block is one
+// contiguous run of memory, loaded once for every query head. With few sequences (one user's long
+// context) a sequence is split into several spans that the threads take in parallel, each leaving
+// its softmax max, sum and unnormalised output, merged at the end (flash-decoding); with many,
+// spans are whole sequences. Threads take spans from a shared counter. Accumulation is fp32.
 //
 // The linear layers' GEMMs are in packed_gemm.cpp and quant_gemm.cpp, the whole-layer decode call
 // in decode_layer.cpp; this file registers them all with the module.
@@ -122,8 +125,30 @@ inline __m256 horizontal_sums8(const __m256* a) {
                        _mm256_permute2f128_ps(quads0123, quads4567, 0x31));
 }
 
-// The dot products of one query with 8 cached keys `token_stride` apart; head_dim % 16 == 0.
+// The dot products of one query with 8 cached keys `token_stride` apart, for a head_dim fixed at
+// compile time: the query stays in registers and the loop unrolls.
+template <int64_t HEAD_DIM>
+inline __m256 dot_8_keys_fixed(const float* query, const float* keys, int64_t token_stride) {
+  __m256 q[HEAD_DIM / 8];
+  for (int64_t c = 0; c < HEAD_DIM / 8; ++c) q[c] = _mm256_loadu_ps(query + 8 * c);
+  __m256 sums[8];
+  for (int j = 0; j < 8; ++j) {
+    const float* key = keys + j * token_stride;
+    __m256 even = _mm256_mul_ps(q[0], _mm256_loadu_ps(key));
+    __m256 odd = _mm256_mul_ps(q[1], _mm256_loadu_ps(key + 8));
+    for (int64_t c = 2; c < HEAD_DIM / 8; c += 2) {
+      even = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(key + 8 * c), even);
+      odd = _mm256_fmadd_ps(q[c + 1], _mm256_loadu_ps(key + 8 * c + 8), odd);
+    }
+    sums[j] = _mm256_add_ps(even, odd);
+  }
+  return horizontal_sums8(sums);
+}
+
+// The same for any head_dim % 16 == 0 (the common sizes take the unrolled version).
 inline __m256 dot_8_keys(const float* query, const float* keys, int64_t token_stride, int64_t head_dim) {
+  if (head_dim == 64) return dot_8_keys_fixed<64>(query, keys, token_stride);
+  if (head_dim == 128) return dot_8_keys_fixed<128>(query, keys, token_stride);
   __m256 sums[8];
   for (int j = 0; j < 8; ++j) {
     const float* key = keys + j * token_stride;
@@ -150,6 +175,24 @@ inline void prefetch_rows(const float* first, int64_t rows, int64_t stride, int6
 #else
   (void)first, (void)rows, (void)stride, (void)row_bytes;
 #endif
+}
+
+// The largest of n floats.
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float best = -INFINITY;
+#ifdef QUIRE_AVX2
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    best = _mm_cvtss_f32(m4);
+  }
+#endif
+  for (; i < n; ++i) best = std::max(best, x[i]);
+  return best;
 }
 
 constexpr int64_t kValueSlice = 64;
@@ -218,6 +261,17 @@ void check_block_ids(const int64_t* row, int64_t context, const CacheLayout& cac
   }
 }
 
+// A decode attention work item: blocks [first_block, first_block + num_blocks) of one sequence.
+struct DecodeSpan {
+  int64_t seq, first_block, num_blocks, partial;  // partial: its slot in the split scratch, or -1
+};
+
+// Blocks per work item: whole sequences when there are enough of them to keep every thread busy;
+// otherwise sequences are split (flash-decoding) into spans of at least kMinSpanBlocks, so that a
+// single long sequence is read by all threads at once, and the spans' partial results are merged.
+constexpr int64_t kMinSpanBlocks = 4;
+constexpr int64_t kSpansPerThread = 4;
+
 }  // namespace
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -231,10 +285,12 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  int64_t total_blocks = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size,
                 "sequence length out of range of its block table");
     check_block_ids(tables + s * max_blocks, lens[s], cache);
+    total_blocks += (lens[s] + block_size - 1) / block_size;
   }
   const float* q_data = q.data_ptr<float>();
   const float* k_data = k_cache.data_ptr<float>();
@@ -242,87 +298,149 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   float* out_data = out.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
 
-  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(float));
+  // Work items. A sequence's span reads each of its cache blocks as one contiguous run of
+  // block_size * kv_heads * head_dim floats, all heads together.
+  const int64_t threads = at::get_num_threads();
+  const int64_t span_blocks =
+      num_seqs >= kSpansPerThread * threads
+          ? max_blocks
+          : std::max(kMinSpanBlocks, (total_blocks + kSpansPerThread * threads - 1) / (kSpansPerThread * threads));
+  std::vector<DecodeSpan> spans;
+  std::vector<int64_t> first_partial(static_cast<size_t>(num_seqs), -1), num_partials(static_cast<size_t>(num_seqs), 0);
+  int64_t partials = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t blocks = (lens[s] + block_size - 1) / block_size;
+    if (blocks <= span_blocks) {
+      spans.push_back({s, 0, blocks, -1});
+      continue;
+    }
+    first_partial[s] = partials;
+    for (int64_t b = 0; b < blocks; b += span_blocks) {
+      spans.push_back({s, b, std::min(span_blocks, blocks - b), partials++});
+      ++num_partials[s];
+    }
+  }
+  // Split spans leave, per query head, their max score, their sum of exp(score - max) and their
+  // unnormalised weighted sum of values: [partials, num_heads, head_dim + 2].
+  const int64_t partial_width = head_dim + 2;
+  std::vector<float> partial_data(static_cast<size_t>(partials * num_heads * partial_width));
+
+  const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(float));
 #ifdef QUIRE_AVX2
   // Eight keys at a time when a block holds whole tiles of 8 rows (rows past a sequence's length
   // inside its last block are scored too, into padding that is never read).
   const bool key_tiles = head_dim % 16 == 0 && block_size % 8 == 0;
 #endif
 
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;  // [group, padded_len] for the current work item
-    std::vector<float> inverse_sums;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads;
-      const int64_t kv_head = item % num_kv_heads;
-      const int64_t len = lens[seq];
-      const int64_t padded_len = (len + 7) / 8 * 8;
-      const int64_t num_seq_blocks = (len + block_size - 1) / block_size;
-      const int64_t* table = tables + seq * max_blocks;
-      const float* q_rows = q_data + (seq * num_heads + kv_head * group) * head_dim;
-      float* out_rows = out_data + (seq * num_heads + kv_head * group) * head_dim;
-      scores.resize(static_cast<size_t>(group * padded_len));
-      inverse_sums.resize(static_cast<size_t>(group));
-      // This kv head's rows in the sequence's block b of `cache`; block b + 1 is requested ahead.
-      auto head_rows = [&](const float* cache, int64_t b) {
-        if (b + 1 < num_seq_blocks) {
-          prefetch_rows(cache + table[b + 1] * block_stride + kv_head * head_dim, block_size, token_stride,
-                        row_bytes);
+  std::atomic<int64_t> next_span{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> scores;  // [num_heads, padded span length]
+    std::vector<float> maxes(static_cast<size_t>(num_heads)), sums(static_cast<size_t>(num_heads));
+    std::vector<float> accumulators;
+    for (int64_t i = next_span.fetch_add(1); i < static_cast<int64_t>(spans.size()); i = next_span.fetch_add(1)) {
+      const DecodeSpan& span = spans[static_cast<size_t>(i)];
+      const int64_t seq = span.seq, len = lens[seq];
+      const int64_t start0 = span.first_block * block_size;
+      const int64_t span_len = std::min(span.num_blocks * block_size, len - start0);
+      const int64_t padded_len = (span_len + 7) / 8 * 8;
+      const int64_t* table = tables + seq * max_blocks + span.first_block;
+      const float* q_rows = q_data + seq * num_heads * head_dim;
+      scores.resize(static_cast<size_t>(num_heads * padded_len));
+      // The span's block b of `cache_data` (all heads); block b + 1 is requested ahead, since it
+      // lies anywhere in the pool, out of the hardware prefetcher's sight.
+      auto block_rows = [&](const float* cache_data, int64_t b) {
+        if (b + 1 < span.num_blocks) {
+          prefetch_rows(cache_data + table[b + 1] * block_stride, block_size, token_stride, row_bytes);
         }
-        return cache + table[b] * block_stride + kv_head * head_dim;
+        return cache_data + table[b] * block_stride;
       };
 
-      // Scores: every cached key against the group's queries, block by block, so a block's keys
-      // are loaded from memory once for all the query heads that share them.
-      for (int64_t b = 0; b < num_seq_blocks; ++b) {
+      // Scores: every cached key of the block against its kv head's group of queries, so a block
+      // is loaded once for all the query heads that share it.
+      for (int64_t b = 0; b < span.num_blocks; ++b) {
         const int64_t start = b * block_size;
-        const int64_t n = std::min(block_size, len - start);
-        const float* keys = head_rows(k_data, b);
-        int64_t t = 0;
+        const int64_t n = std::min(block_size, span_len - start);
+        const float* block = block_rows(k_data, b);
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const float* keys = block + (h / group) * head_dim;
+          const float* query = q_rows + h * head_dim;
+          float* row = scores.data() + h * padded_len + start;
+          int64_t t = 0;
 #ifdef QUIRE_AVX2
-        if (key_tiles) {
-          const __m256 scale8 = _mm256_set1_ps(softmax_scale);
-          for (; t < n; t += 8) {
-            for (int64_t g = 0; g < group; ++g) {
-              const __m256 dots = dot_8_keys(q_rows + g * head_dim, keys + t * token_stride, token_stride, head_dim);
-              _mm256_storeu_ps(scores.data() + g * padded_len + start + t, _mm256_mul_ps(dots, scale8));
+          if (key_tiles) {
+            const __m256 scale8 = _mm256_set1_ps(softmax_scale);
+            for (; t < n; t += 8) {
+              _mm256_storeu_ps(row + t,
+                               _mm256_mul_ps(dot_8_keys(query, keys + t * token_stride, token_stride, head_dim), scale8));
             }
           }
-        }
 #endif
-        for (; t < n; ++t) {
-          const float* key = keys + t * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            scores[g * padded_len + start + t] = dot(q_rows + g * head_dim, key, head_dim) * softmax_scale;
-          }
+          for (; t < n; ++t) row[t] = dot(query, keys + t * token_stride, head_dim) * softmax_scale;
         }
       }
-      // Softmax per query head; the normaliser is applied once to the finished output rows.
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * padded_len;
-        const float max = *std::max_element(row, row + len);
-        inverse_sums[g] = 1.0f / exp_and_sum(row, len, max);
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* row = scores.data() + h * padded_len;
+        maxes[h] = max_of(row, span_len);
+        sums[h] = exp_and_sum(row, span_len, maxes[h]);
       }
-      // Weighted sum of the cached values, again block by block for all the group's heads.
-      std::fill(out_rows, out_rows + group * head_dim, 0.0f);
-      for (int64_t b = 0; b < num_seq_blocks; ++b) {
+      // Weighted sum of the cached values into the output rows, or the span's partial rows.
+      float* acc_rows;
+      int64_t acc_stride;
+      if (span.partial < 0) {
+        acc_rows = out_data + seq * num_heads * head_dim;
+        acc_stride = head_dim;
+      } else {
+        acc_rows = partial_data.data() + span.partial * num_heads * partial_width;
+        acc_stride = partial_width;
+      }
+      for (int64_t h = 0; h < num_heads; ++h) std::fill(acc_rows + h * acc_stride, acc_rows + h * acc_stride + head_dim, 0.0f);
+      for (int64_t b = 0; b < span.num_blocks; ++b) {
         const int64_t start = b * block_size;
-        const int64_t n = std::min(block_size, len - start);
-        const float* values = head_rows(v_data, b);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* weights = scores.data() + g * padded_len + start;
+        const int64_t n = std::min(block_size, span_len - start);
+        const float* block = block_rows(v_data, b);
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const float* values = block + (h / group) * head_dim;
+          const float* weights = scores.data() + h * padded_len + start;
           for (int64_t d0 = 0; d0 < head_dim; d0 += kValueSlice) {
             accumulate_values(values + d0, token_stride, weights, n, std::min(kValueSlice, head_dim - d0),
-                              out_rows + g * head_dim + d0);
+                              acc_rows + h * acc_stride + d0);
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = out_rows + g * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) row[d] *= inverse_sums[g];
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* row = acc_rows + h * acc_stride;
+        if (span.partial < 0) {
+          const float inverse = 1.0f / sums[h];
+          for (int64_t d = 0; d < head_dim; ++d) row[d] *= inverse;
+        } else {
+          row[head_dim] = maxes[h];
+          row[head_dim + 1] = sums[h];
+        }
       }
     }
   });
+
+  // Merge each split sequence's spans: rescale each to the largest max, then normalise.
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (first_partial[s] < 0) continue;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      float max = -INFINITY;
+      for (int64_t p = 0; p < num_partials[s]; ++p) {
+        max = std::max(max, partial_data[((first_partial[s] + p) * num_heads + h) * partial_width + head_dim]);
+      }
+      float* row = out_data + (s * num_heads + h) * head_dim;
+      std::fill(row, row + head_dim, 0.0f);
+      float sum = 0.0f;
+      for (int64_t p = 0; p < num_partials[s]; ++p) {
+        const float* part = partial_data.data() + ((first_partial[s] + p) * num_heads + h) * partial_width;
+        const float weight = std::exp(part[head_dim] - max);
+        sum += weight * part[head_dim + 1];
+        for (int64_t d = 0; d < head_dim; ++d) row[d] += weight * part[d];
+      }
+      const float inverse = 1.0f / sum;
+      for (int64_t d = 0; d < head_dim; ++d) row[d] *= inverse;
+    }
+  }
 }
 // ---------------------------------------------------------------------------------------------
 // paged_prefill_attention: causal attention for the prefill chunks of a step, reading K/V from the
