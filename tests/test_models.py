@@ -29,6 +29,7 @@ from quire.models.loader import load_model, resolve_dtype
 from quire.models.registry import resolve_model_class, supported_architectures
 from quire.worker.attention import CpuPagedAttention, TorchPagedAttention, get_attention_backend
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
+from quire.worker.host_memory import advise_huge_pages
 from quire.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 
 PARITY_ATOL = 1e-3
@@ -781,6 +782,32 @@ def test_kv_cache_allocation_and_size(tiny_model_dir: Callable[[str], Path]) -> 
     assert kv_cache_bytes_per_block(config, 8, torch.bfloat16) * 6 == actual
     with pytest.raises(ValueError, match="num_blocks must be >= 1"):
         allocate_kv_caches(config, 0, 8, torch.float32, "cpu")
+
+
+def _anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    or not Path("/proc/self/smaps_rollup").exists(),
+    reason="no transparent huge pages here",
+)
+def test_kv_cache_asks_for_huge_pages(tiny_model_dir: Callable[[str], Path]) -> None:
+    """A CPU KV pool is advised onto 2 MiB pages before it is zeroed, so decode attention's
+    scattered block reads do not each miss the TLB (the usual THP setting, "madvise", gives
+    huge pages only to memory that asks)."""
+    config = ModelArchConfig.from_dir(tiny_model_dir("qwen3"))
+    per_block = kv_cache_bytes_per_block(config, 16, torch.float32)
+    before = _anon_huge_kib()
+    caches = allocate_kv_caches(config, (64 << 20) // per_block, 16, torch.float32, "cpu")
+    assert not caches[0][0].any() and not caches[-1][1].any()
+    assert _anon_huge_kib() - before >= 8 << 10  # at least 8 MiB of the 64 MiB pool on huge pages
+    assert not advise_huge_pages(torch.zeros(1024))  # smaller than one huge page: nothing to advise
 
 
 # ---------------------------------------------------------------------------------------------

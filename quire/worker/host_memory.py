@@ -26,6 +26,8 @@ import ctypes.util
 import logging
 import sys
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 # mallopt parameter numbers, from glibc's malloc.h.
@@ -73,3 +75,34 @@ def retain_freed_memory() -> bool:
     if not ok:
         logger.info("glibc refused the malloc thresholds; freed activations go back to the OS")
     return ok
+
+
+# madvise advice number, from Linux's mman-common.h.
+_MADV_HUGEPAGE = 14
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask Linux to back the whole 2 MiB pages inside ``tensor``'s memory with transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``); True if it agreed. Call it before the memory is first
+    written: pages already faulted in stay 4 KiB until khugepaged gets to them.
+
+    For the KV cache: decode attention reads each sequence's blocks from anywhere in the pool, and
+    with 4 KiB pages nearly every block read also misses the TLB. Distributions commonly set
+    transparent huge pages to ``madvise``, so without the advice a pool never gets them.
+    A no-op (False) off Linux, for non-CPU tensors and for tensors smaller than one huge page."""
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    libc = _glibc()
+    madvise = getattr(libc, "madvise", None) if libc is not None else None
+    if madvise is None:
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    last = end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if last <= first:
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_HUGEPAGE) == 0

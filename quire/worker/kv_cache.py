@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from quire.models.hf_config import ModelArchConfig
+from quire.worker.host_memory import advise_huge_pages
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -57,6 +58,8 @@ def allocate_kv_caches(
         arch_config.num_key_value_heads,
         arch_config.head_dim,
     )
-    storage = torch.zeros(shape, dtype=dtype, device=device)
+    storage = torch.empty(shape, dtype=dtype, device=device)
+    advise_huge_pages(storage)  # before the zeros below first touch the pages
+    storage.zero_()
     # storage[layer, 0] is contiguous (leading-dimension slice), as the backends require.
     return [(storage[layer, 0], storage[layer, 1]) for layer in range(arch_config.num_hidden_layers)]
