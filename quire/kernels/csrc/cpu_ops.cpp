@@ -164,16 +164,14 @@ inline __m256 dot_8_keys(const float* query, const float* keys, int64_t token_st
 }
 #endif
 
-// Asks for `rows` rows of `row_bytes` each, `stride` floats apart, to be brought into cache: the
-// next block of a sequence lies anywhere in the pool, out of the hardware prefetcher's sight.
-inline void prefetch_rows(const float* first, int64_t rows, int64_t stride, int64_t row_bytes) {
+// Asks for `bytes` bytes from `start` to be brought into cache: the next block of a sequence lies
+// anywhere in the pool, out of the hardware prefetcher's sight.
+inline void prefetch_bytes(const float* start, int64_t bytes) {
 #ifdef QUIRE_AVX2
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(first + r * stride);
-    for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
-  }
+  const char* first = reinterpret_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(first + offset, _MM_HINT_T0);
 #else
-  (void)first, (void)rows, (void)stride, (void)row_bytes;
+  (void)start, (void)bytes;
 #endif
 }
 
@@ -272,6 +270,28 @@ struct DecodeSpan {
 constexpr int64_t kMinSpanBlocks = 4;
 constexpr int64_t kSpansPerThread = 4;
 
+// One sequence's output rows [num_heads, head_dim] from its `count` spans' partial results
+// [count, num_heads, head_dim + 2] (unnormalised sums, then max and sum of exp(score - max)):
+// each span rescaled to the largest max, then normalised.
+void merge_partials(const float* parts, int64_t count, int64_t num_heads, int64_t head_dim, float* out) {
+  const int64_t width = head_dim + 2, span_stride = num_heads * width;
+  for (int64_t h = 0; h < num_heads; ++h) {
+    float max = -INFINITY;
+    for (int64_t p = 0; p < count; ++p) max = std::max(max, parts[p * span_stride + h * width + head_dim]);
+    float* row = out + h * head_dim;
+    std::fill(row, row + head_dim, 0.0f);
+    float sum = 0.0f;
+    for (int64_t p = 0; p < count; ++p) {
+      const float* part = parts + p * span_stride + h * width;
+      const float weight = std::exp(part[head_dim] - max);
+      sum += weight * part[head_dim + 1];
+      for (int64_t d = 0; d < head_dim; ++d) row[d] += weight * part[d];
+    }
+    const float inverse = 1.0f / sum;
+    for (int64_t d = 0; d < head_dim; ++d) row[d] *= inverse;
+  }
+}
+
 }  // namespace
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -325,7 +345,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t partial_width = head_dim + 2;
   std::vector<float> partial_data(static_cast<size_t>(partials * num_heads * partial_width));
 
-  const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(float));
+  const int64_t block_bytes = block_stride * static_cast<int64_t>(sizeof(float));
 #ifdef QUIRE_AVX2
   // Eight keys at a time when a block holds whole tiles of 8 rows (rows past a sequence's length
   // inside its last block are scored too, into padding that is never read).
@@ -336,7 +356,6 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scores;  // [num_heads, padded span length]
     std::vector<float> maxes(static_cast<size_t>(num_heads)), sums(static_cast<size_t>(num_heads));
-    std::vector<float> accumulators;
     for (int64_t i = next_span.fetch_add(1); i < static_cast<int64_t>(spans.size()); i = next_span.fetch_add(1)) {
       const DecodeSpan& span = spans[static_cast<size_t>(i)];
       const int64_t seq = span.seq, len = lens[seq];
@@ -350,7 +369,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       // lies anywhere in the pool, out of the hardware prefetcher's sight.
       auto block_rows = [&](const float* cache_data, int64_t b) {
         if (b + 1 < span.num_blocks) {
-          prefetch_rows(cache_data + table[b + 1] * block_stride, block_size, token_stride, row_bytes);
+          prefetch_bytes(cache_data + table[b + 1] * block_stride, block_bytes);
         }
         return cache_data + table[b] * block_stride;
       };
@@ -420,25 +439,10 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     }
   });
 
-  // Merge each split sequence's spans: rescale each to the largest max, then normalise.
   for (int64_t s = 0; s < num_seqs; ++s) {
-    if (first_partial[s] < 0) continue;
-    for (int64_t h = 0; h < num_heads; ++h) {
-      float max = -INFINITY;
-      for (int64_t p = 0; p < num_partials[s]; ++p) {
-        max = std::max(max, partial_data[((first_partial[s] + p) * num_heads + h) * partial_width + head_dim]);
-      }
-      float* row = out_data + (s * num_heads + h) * head_dim;
-      std::fill(row, row + head_dim, 0.0f);
-      float sum = 0.0f;
-      for (int64_t p = 0; p < num_partials[s]; ++p) {
-        const float* part = partial_data.data() + ((first_partial[s] + p) * num_heads + h) * partial_width;
-        const float weight = std::exp(part[head_dim] - max);
-        sum += weight * part[head_dim + 1];
-        for (int64_t d = 0; d < head_dim; ++d) row[d] += weight * part[d];
-      }
-      const float inverse = 1.0f / sum;
-      for (int64_t d = 0; d < head_dim; ++d) row[d] *= inverse;
+    if (first_partial[s] >= 0) {
+      merge_partials(partial_data.data() + first_partial[s] * num_heads * partial_width, num_partials[s], num_heads,
+                     head_dim, out_data + s * num_heads * head_dim);
     }
   }
 }
