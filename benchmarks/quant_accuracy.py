@@ -12,7 +12,9 @@ LM head Q8_0). Every variant below starts from that file's weights, dequantized 
 - ``int8`` / ``int4``: the decoder linears re-quantized from the fp32 dequantized weights with
   ``--quantization int8`` (Q8_0) / ``int4`` (Q4_1) at load, embedding and LM head as in the file;
 - ``gguf-q4_1-a8`` / ``int8-a8`` / ``int4-a8``: those three with ``--quantized-activations int8``
-  (activations entering every Q8_0/Q4_1 matrix, the LM head included, quantized to int8 per 32).
+  (activations entering every Q8_0/Q4_1 matrix, the LM head included, quantized to int8 per 32);
+- ``fp32-dequant-kvbf16`` / ``gguf-q4_1-kvbf16``: those two with ``--kv-cache-dtype bfloat16``
+  (every cached K/V value rounded to bf16 when stored).
 
 The text is fixed and local: the docstrings of a list of Python standard-library modules (this
 interpreter's), tokenized with the model's own tokenizer, the first ``--tokens`` tokens scored in
@@ -125,6 +127,10 @@ for _name in ("gguf-q4_1", "int8", "int4"):
         weights(m),
         apply_quantized_activations(m, "int8"),
     )
+# Variants whose KV cache is bf16 (the weights as in the variant named before the suffix).
+KV_BF16_SUFFIX = "-kvbf16"
+for _name in ("fp32-dequant", "gguf-q4_1"):
+    VARIANTS[_name + KV_BF16_SUFFIX] = VARIANTS[_name]
 
 
 @torch.inference_mode()
@@ -182,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         ids[i : i + args.window] for i in range(0, len(ids), args.window) if len(ids[i : i + args.window]) > 1
     ]
     arch = read_arch_config(path)
-    kv_caches = allocate_kv_caches(
-        arch, math.ceil(args.window / BLOCK_SIZE), BLOCK_SIZE, torch.float32, "cpu"
-    )
+    kv_caches = {
+        dtype: allocate_kv_caches(arch, math.ceil(args.window / BLOCK_SIZE), BLOCK_SIZE, dtype, "cpu")
+        for dtype in (torch.float32, torch.bfloat16)
+    }
     print(
         f"model: {path.name}; text: {len(ids)} tokens of {len(TEXT_MODULES)} stdlib modules' docstrings "
         f"(Python {platform.python_version()}), windows of {args.window}; CPU: {platform.processor() or platform.machine()}"
@@ -195,17 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(path, "float32", "cpu", progress=False, max_positions=args.window)
         VARIANTS[name](model)
         start = time.perf_counter()
-        nll, predictions = score(model, windows, kv_caches)
+        cache_dtype = torch.bfloat16 if name.endswith(KV_BF16_SUFFIX) else torch.float32
+        nll, predictions = score(model, windows, kv_caches[cache_dtype])
         results[name] = (nll, predictions, time.perf_counter() - start)
         del model
 
     ref_nll, ref_predictions, _ = results["fp32-dequant"]
-    print(f"{'variant':<14} {'perplexity':>10} {'vs fp32':>8} {'top-1 agree':>11} {'time s':>7}")
+    print(f"{'variant':<20} {'perplexity':>10} {'vs fp32':>8} {'top-1 agree':>11} {'time s':>7}")
     for name, (nll, predictions, seconds) in results.items():
         same = sum(int((a == b).sum()) for a, b in zip(predictions, ref_predictions, strict=True))
         total = sum(len(p) for p in predictions)
         ppl, ref_ppl = math.exp(nll), math.exp(ref_nll)
-        print(f"{name:<14} {ppl:>10.3f} {ppl / ref_ppl:>8.4f} {100 * same / total:>10.2f}% {seconds:>7.1f}")
+        print(f"{name:<20} {ppl:>10.3f} {ppl / ref_ppl:>8.4f} {100 * same / total:>10.2f}% {seconds:>7.1f}")
     return 0
 
 

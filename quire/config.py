@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Weight-only quantization applied at load (vLLM's --quantization name): int8 -> Q8_0, int4 -> Q4_1.
@@ -16,6 +17,11 @@ QUANTIZATION_METHODS = ("int8", "int4")
 # per 32-element block inside Q8_0/Q4_0/Q4_1 products (integer dot products, llama.cpp's approach).
 # Off by default: logits then differ from the fp32 product with the dequantized weights.
 QUANTIZED_ACTIVATIONS = ("int8",)
+# --kv-cache-dtype: what the paged KV cache stores. "auto" is the model's compute dtype; bfloat16
+# under fp32 compute halves the cache (twice the tokens per byte, half the bytes attention reads),
+# at the price of rounding every cached K/V value to bf16. Aliases map to the canonical name.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPE_ALIASES = MappingProxyType({"fp32": "float32", "bf16": "bfloat16"})
 _MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -83,20 +89,35 @@ class ModelConfig:
             )
 
 
+def canonical_kv_cache_dtype(value: str) -> str:
+    """``"bf16"`` -> ``"bfloat16"``; a ValueError naming the valid values for anything unknown."""
+    name = KV_CACHE_DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    if name not in KV_CACHE_DTYPES:
+        aliases = (f"{alias} (= {target})" for alias, target in KV_CACHE_DTYPE_ALIASES.items())
+        valid = ", ".join([*KV_CACHE_DTYPES, *aliases])
+        raise ValueError(f"kv_cache_dtype must be one of {valid}, got {value!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache geometry and policy.
 
     The pool size comes from ``kv_cache_memory`` (bytes) unless ``num_blocks`` is set
-    explicitly (tests use a tiny pool to force preemption).
+    explicitly (tests use a tiny pool to force preemption). ``kv_cache_dtype`` is what K/V are
+    stored in (``KV_CACHE_DTYPES``; ``fp32``/``bf16`` are accepted and stored canonicalised);
+    ``"auto"`` is the model's compute dtype, resolved by the worker once that is known.
     """
 
     block_size: int = 16
     kv_cache_memory: int = 1 << 30
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        # Frozen: canonicalise the alias through object.__setattr__, once, here.
+        object.__setattr__(self, "kv_cache_dtype", canonical_kv_cache_dtype(self.kv_cache_dtype))
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory <= 0:
@@ -162,6 +183,7 @@ class EngineArgs:
     show_progress: bool = True
     quantization: str | None = None
     quantized_activations: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def model_config(self, model_path: str) -> ModelConfig:
         return ModelConfig(
@@ -180,6 +202,7 @@ class EngineArgs:
             kv_cache_memory=parse_memory_size(self.kv_cache_memory),
             num_blocks=self.num_kv_blocks,
             enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:

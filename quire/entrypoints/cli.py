@@ -9,7 +9,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from quire.config import QUANTIZATION_METHODS, QUANTIZED_ACTIVATIONS, EngineArgs
+from quire.config import (
+    KV_CACHE_DTYPE_ALIASES,
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    QUANTIZED_ACTIVATIONS,
+    EngineArgs,
+)
 from quire.serving.ray_cli import add_replica_arguments
 from quire.structured.tool_parsers import tool_parser_names
 
@@ -35,6 +41,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 2GiB or 512MiB")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        # The aliases are choices too, so a typo is refused here, before any engine starts.
+        choices=[*KV_CACHE_DTYPES, *KV_CACHE_DTYPE_ALIASES],
+        help="dtype of the KV cache: auto (default) = the model's compute dtype; bfloat16/bf16 under "
+        "fp32 compute halves the KV memory (twice the tokens for the same --kv-cache-memory) and the "
+        "bytes attention reads per step, but K/V are rounded to bf16, so logits move slightly",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-chunked-prefill", action="store_true")
@@ -64,6 +79,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         seed=ns.seed,
         quantization=ns.quantization,
         quantized_activations=ns.quantized_activations,
+        kv_cache_dtype=ns.kv_cache_dtype,
     )
 
 

@@ -49,6 +49,7 @@ _SOURCES = [
         "decode_layer.cpp",
         "linear_operand.cpp",
         "packed_gemm.cpp",
+        "paged_attention.cpp",
         "quant_a8.cpp",
         "quant_a8_avx2.cpp",
         "quant_a8_vnni.cpp",
@@ -60,6 +61,7 @@ _HEADERS = [
     _CSRC / name
     for name in (
         "decode_layer.h",
+        "kv_cache_element.h",
         "layer_kernels.h",
         "linear_operand.h",
         "packed_gemm.h",
@@ -70,6 +72,7 @@ _HEADERS = [
         "quant_blocks.h",
         "quant_panel.h",
         "quant_simd.h",
+        "simd_math.h",
     )
 ]
 # The instruction set comes from the tier's flags (AVX2/FMA paths from the avx2 tier up, portable

@@ -25,7 +25,12 @@ from quire.models.cpu_linear import CpuLinearWeight, cpu_fast_linear_available
 from quire.models.hf_config import ModelArchConfig, RopeScaling
 from quire.models.loader import WeightSlot
 from quire.models.registry import register_model
-from quire.worker.attention import AttentionBackend, CpuPagedAttention, get_attention_backend
+from quire.worker.attention import (
+    AttentionBackend,
+    CpuPagedAttention,
+    get_attention_backend,
+    kernels_take_kv_cache,
+)
 from quire.worker.attention_metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -500,10 +505,12 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def _is_fused_decode_step(self, meta: AttentionMetadata, kv_caches: list[KVCache]) -> bool:
+        # decode_layer takes the caches the attention kernels take (fp32, and bf16 from
+        # --kv-cache-dtype); its q/out stay fp32, which fused_decode_layers already requires.
         return (
             not meta.prefills
             and meta.num_decodes > 0
-            and kv_caches[0][0].dtype == torch.float32
+            and kernels_take_kv_cache(kv_caches[0][0].dtype)
             and kv_caches[0][0].device.type == "cpu"
         )
 

@@ -118,6 +118,10 @@ def make_server_state(args: EngineArgs, settings: ServerSettings, log_level: str
     """The ``ServerState`` of one server: tokenizer, chat template, sampling defaults, served
     names and a ``ProcessEngineClient`` (not started; the app's lifespan starts it). Shared by
     ``serve`` and the Ray Serve replicas, so a replica serves exactly what ``quire serve`` would."""
+    # The cache options are checked here, in a second, not in the engine process after a spawn
+    # (where a ValueError is logged with a traceback): a bad --kv-cache-memory/--kv-cache-dtype
+    # from a config file or EngineArgs is then one clear start-up error, as the CLI's checks are.
+    args.cache_config()
     model_path = resolve_model_path(args)
     tokenizer = Tokenizer.from_path(model_path)  # fails fast, before anything slow, on a bad directory
     if settings.chat_template is not None:

@@ -111,6 +111,8 @@ class RayAppConfig:
 
     def __post_init__(self) -> None:
         _check_supported(self.settings)
+        # Bad cache options (kv_cache_memory, kv_cache_dtype) fail here, once, not in every replica.
+        self.engine_args.cache_config()
         if not isinstance(logging.getLevelName(str(self.log_level).upper()), int):
             raise ValueError(
                 f"log_level must be a logging level name (e.g. INFO, WARNING), got {self.log_level!r}"

@@ -9,6 +9,10 @@ Contract for one layer of one step (see ``AttentionMetadata`` for the token layo
 Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``; a flat slot is
 ``block_id * block_size + offset``. Backends must never hold per-step state: the same instance
 serves every layer.
+
+A cache may be narrower than q (``--kv-cache-dtype bfloat16`` under fp32 compute): new K/V are
+rounded to the cache dtype when stored, and every path attends over exactly the values the cache
+holds, read back in q's dtype, so a token's output does not depend on which path computed it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ import torch.nn.functional as F
 
 from quire.kernels.cpu_ops import cpu_ops
 from quire.worker.attention_metadata import AttentionMetadata, PrefillChunk
+
+# Cache dtypes the compiled kernels (paged decode/prefill attention, and the fused decode_layer in
+# quire.models.llama) take, always with fp32 q/out: they widen bf16 exactly on reading and write
+# new rows rounded to nearest even, as ``tensor.to(torch.bfloat16)`` does
+# (csrc/kv_cache_element.h). Other cache dtypes take the torch paths.
+KERNEL_KV_CACHE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+
+
+def kernels_take_kv_cache(dtype: torch.dtype) -> bool:
+    """Whether the compiled attention kernels read and write a KV cache of ``dtype``."""
+    return dtype in KERNEL_KV_CACHE_DTYPES
 
 
 class AttentionBackend(ABC):
@@ -73,10 +88,14 @@ class TorchPagedAttention(AttentionBackend):
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             if chunk.num_computed == 0:
-                # The whole context is this chunk: use its own K/V, no cache read.
-                parts.append(_causal_attention(q[rows], k[rows], v[rows], scale, offset=0))
+                # The whole context is this chunk: use its own K/V, no cache read, but rounded as
+                # the cache holds them, so later steps (which read the cache) see the same values.
+                keys = _as_stored(k[rows], k_cache.dtype)
+                values = _as_stored(v[rows], v_cache.dtype)
+                parts.append(_causal_attention(q[rows], keys, values, scale, offset=0))
             else:
                 keys, values = _gather_context(k_cache, v_cache, chunk)
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
                 parts.append(_causal_attention(q[rows], keys, values, scale, offset=chunk.num_computed))
         assert sum(p.shape[0] for p in parts) == q.shape[0], "metadata does not cover every query token"
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -99,8 +118,9 @@ class TorchPagedAttention(AttentionBackend):
         # index_select on a 2-D view is several times faster on CPU than advanced indexing.
         keys = k_cache.view(num_blocks, -1).index_select(0, flat_ids)
         values = v_cache.view(num_blocks, -1).index_select(0, flat_ids)
-        keys = keys.view(num_seqs, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
-        values = values.view(num_seqs, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+        # A narrower cache (bf16) widens to q's dtype after the gather: only the rows read convert.
+        keys = keys.view(num_seqs, ctx_len, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        values = values.view(num_seqs, ctx_len, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
         # Padding slots past each sequence's length (including padded block ids) are masked out.
         visible = torch.arange(ctx_len, device=q.device) < meta.decode_seq_lens.unsqueeze(1)
         # [B, kv_heads, group, D]: the `group` query heads sharing one KV head ride in SDPA's
@@ -123,8 +143,9 @@ class CpuPagedAttention(TorchPagedAttention):
     context per layer per step, which was about a quarter of a 64-sequence decode step on CPU; the
     kernel reads each cached row once. Prefill chunks: one call for all chunks of the step instead
     of an SDPA call per chunk (plus a context gather and a mask for chunks that continue a cached
-    prefix). It covers fp32 caches whose blocks hold a multiple of 16 tokens; other dtypes, other
-    block sizes, and machines where the kernels cannot be built use the inherited torch path.
+    prefix). It covers fp32 queries over caches of ``KERNEL_KV_CACHE_DTYPES`` whose blocks hold a
+    multiple of 16 tokens; other dtypes, other block sizes, and machines where the kernels cannot
+    be built use the inherited torch path.
     """
 
     name = "cpu"
@@ -175,12 +196,12 @@ class CpuPagedAttention(TorchPagedAttention):
 
 
 def _kernels_apply(ops: ModuleType | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The compiled attention kernels cover fp32 queries and caches on CPU."""
+    """The compiled attention kernels cover fp32 queries over fp32 or bf16 caches on CPU."""
     return (
         ops is not None
         and q.device.type == "cpu"
         and q.dtype == torch.float32
-        and k_cache.dtype == torch.float32
+        and kernels_take_kv_cache(k_cache.dtype)
     )
 
 
@@ -202,17 +223,26 @@ def _decode_into(
 def _store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Each new token's K/V row into its flat cache slot."""
+    """Each new token's K/V row into its flat cache slot, rounded to the cache dtype (round to
+    nearest even for bf16, as the compiled kernels round too)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     # Caches are allocated contiguous (kv_cache.allocate_kv_caches); view() relies on it.
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    k_rows = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    v_rows = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    k_rows.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_rows.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _as_stored(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``cache_dtype`` holds it, in ``x``'s own dtype (a no-op when equal)."""
+    return x if x.dtype == cache_dtype else x.to(cache_dtype).to(x.dtype)
 
 
 def _gather_context(
     k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``num_computed + query_len`` cached K/V rows of one sequence, in order."""
+    """The first ``num_computed + query_len`` cached K/V rows of one sequence, in order, in the
+    cache's dtype (callers convert to q's)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     ctx_len = chunk.num_computed + chunk.query_len
     ids = chunk.block_ids

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from quire.models.dtype_policy import DTYPES
 from quire.models.hf_config import ModelArchConfig
 from quire.worker.host_memory import advise_huge_pages
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the KV cache is allocated in: ``"auto"`` is the model's compute dtype (what the
+    cache always used); otherwise the dtype named (``CacheConfig`` has canonicalised it).
+
+    Every attention path reads K/V back in the compute dtype, so a cache narrower than it (bf16
+    under fp32 compute) rounds K/V once, when they are stored."""
+    if kv_cache_dtype == "auto":
+        return compute_dtype
+    if kv_cache_dtype not in DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}")
+    return DTYPES[kv_cache_dtype]
 
 
 def _element_size(dtype: torch.dtype) -> int:

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from quire.config import CacheConfig, ModelConfig
-from quire.models.dtype_policy import choose_dtype
+from quire.models.dtype_policy import choose_dtype, dtype_name
 from quire.models.hf_config import ModelArchConfig
 from quire.models.loader import load_model, read_arch_config
 from quire.structured.manager import StructuredOutputManager
 from quire.worker.host_memory import release_free_heap, retain_freed_memory
-from quire.worker.kv_cache import allocate_kv_caches, num_blocks_for_memory
+from quire.worker.kv_cache import allocate_kv_caches, num_blocks_for_memory, resolve_kv_cache_dtype
 from quire.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class Worker:
     vocab_size: int
     dtype: torch.dtype
     device: torch.device
+    kv_cache_dtype: torch.dtype
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -38,6 +39,26 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} was asked for, but torch sees no CUDA device")
     return device
+
+
+def _plan_kv_cache(
+    cache_config: CacheConfig, arch: ModelArchConfig, compute_dtype: torch.dtype
+) -> tuple[torch.dtype, int]:
+    """The KV cache's dtype and block count, resolved once (sizing and allocation must agree on
+    the dtype) and said once at start-up, beside the dtype line."""
+    kv_dtype = resolve_kv_cache_dtype(cache_config.kv_cache_dtype, compute_dtype)
+    block_size = cache_config.block_size
+    num_blocks = cache_config.num_blocks or num_blocks_for_memory(
+        arch, block_size, kv_dtype, cache_config.kv_cache_memory
+    )
+    mode = "auto" if cache_config.kv_cache_dtype == "auto" else "explicit"
+    line = (
+        f"KV cache: {dtype_name(kv_dtype)} ({mode}), {num_blocks} blocks of {block_size} tokens "
+        f"({num_blocks * block_size} tokens)"
+    )
+    logger.info(line)
+    print(f"quire: {line}", file=sys.stderr, flush=True)
+    return kv_dtype, num_blocks
 
 
 def build_worker(
@@ -55,6 +76,8 @@ def build_worker(
     # Once per start-up: what --dtype auto chose on this machine and why (issue 12).
     logger.info("dtype: %s", dtype_choice)
     print(f"quire: dtype: {dtype_choice}", file=sys.stderr, flush=True)
+    # Sized before the weights load, so a budget that holds no block fails in a second.
+    kv_dtype, num_blocks = _plan_kv_cache(cache_config, arch, dtype)
     # max_context_len is min(max_position_embeddings, sliding_window): sliding-window attention
     # is not implemented, so contexts are kept inside the window where full attention is exact.
     max_model_len = model_config.max_model_len or arch.max_context_len
@@ -78,14 +101,8 @@ def build_worker(
     )
 
     block_size = cache_config.block_size
-    num_blocks = cache_config.num_blocks or num_blocks_for_memory(
-        arch, block_size, dtype, cache_config.kv_cache_memory
-    )
-    kv_caches = allocate_kv_caches(arch, num_blocks, block_size, dtype, device)
+    kv_caches = allocate_kv_caches(arch, num_blocks, block_size, kv_dtype, device)
     if device.type == "cpu":
         release_free_heap()  # the loader's temporaries; see quire.worker.host_memory
     runner = ModelRunner(model, kv_caches, block_size, arch.vocab_size, device, structured=structured)
-    logger.info(
-        "KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size
-    )
-    return Worker(runner, arch, num_blocks, max_model_len, arch.vocab_size, dtype, device)
+    return Worker(runner, arch, num_blocks, max_model_len, arch.vocab_size, dtype, device, kv_dtype)

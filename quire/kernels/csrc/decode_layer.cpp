@@ -9,6 +9,7 @@
 
 #include "decode_layer.h"
 
+#include "kv_cache_element.h"
 #include "layer_kernels.h"
 
 #include <algorithm>
@@ -66,9 +67,8 @@ torch::Tensor decode_layer(const DecodeLayerWeights& w, torch::Tensor x, torch::
                            torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
                            torch::Tensor block_tables, torch::Tensor seq_lens) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32,
-              "caches must be contiguous float32 [num_blocks, block_size, num_kv_heads, head_dim]");
+                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensors of one dtype");
   const int64_t tokens = x.size(0);
   const int64_t num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
   const int64_t q_width = w.num_heads * head_dim, kv_width = num_kv_heads * head_dim;
@@ -83,17 +83,22 @@ torch::Tensor decode_layer(const DecodeLayerWeights& w, torch::Tensor x, torch::
   fused_add_rms_norm(x, residual, w.input_norm, w.eps);
   torch::Tensor qkv = w.qkv(x, w.qkv_bias);
   rotary_embedding(qkv, cos, sin, w.num_heads + num_kv_heads, head_dim);
-  // This step's keys and values into their cache slots.
+  // This step's keys and values into their cache slots (rounded to bf16 in a bf16 cache).
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const float* qkv_data = qkv.data_ptr<float>();
-  float* k_data = k_cache.data_ptr<float>();
-  float* v_data = v_cache.data_ptr<float>();
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot out of range of the cache");
-    const float* row = qkv_data + t * row_width;
-    std::copy(row + q_width, row + q_width + kv_width, k_data + slots[t] * kv_width);
-    std::copy(row + q_width + kv_width, row + row_width, v_data + slots[t] * kv_width);
   }
+  quire_kv::with_cache_element(k_cache, [&](auto element) {
+    using T = decltype(element);
+    T* k_data = static_cast<T*>(k_cache.data_ptr());
+    T* v_data = static_cast<T*>(v_cache.data_ptr());
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* row = qkv_data + t * row_width;
+      quire_kv::store_row(row + q_width, kv_width, k_data + slots[t] * kv_width);
+      quire_kv::store_row(row + q_width + kv_width, kv_width, v_data + slots[t] * kv_width);
+    }
+  });
   torch::Tensor q = qkv.narrow(1, 0, q_width).contiguous().view({tokens, w.num_heads, head_dim});
   torch::Tensor attention = torch::empty_like(q);
   paged_decode_attention(attention, q, k_cache, v_cache, block_tables, seq_lens, w.scale);

@@ -3,9 +3,15 @@
 
 #include <torch/extension.h>
 
-// Decode attention over a paged KV cache into out [num_seqs, num_heads, head_dim] (fp32, CPU).
+// Decode attention over a paged KV cache into out [num_seqs, num_heads, head_dim] (fp32 q and out;
+// the caches fp32 or bf16, see kv_cache_element.h). In paged_attention.cpp, like the next one.
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+
+// Causal attention of a step's prefill chunks ([num_chunks, 3]: query_start, query_len,
+// num_computed) over the paged cache, into out [tokens, num_heads, head_dim].
+void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                             torch::Tensor chunks, torch::Tensor block_tables, double scale);
 
 // In place: residual += x; x = rmsnorm(residual) * weight.
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
