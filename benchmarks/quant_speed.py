@@ -11,12 +11,17 @@ ignored, at each ``--concurrency`` level. Variants, all of smollm2-135m's shape:
   (when installed): the same shape with real weights, as a user gets it;
 - ``int8-a8`` / ``int4-a8`` / ``gguf-q4_1-a8``: those with ``--quantized-activations int8``.
 
+``--kv-cache-dtypes float32,bfloat16`` runs every variant with each KV cache dtype (rows named
+``VARIANT/kv-DTYPE``; ratios against bf16 weights with the first dtype listed).
+
 The machine is noisy, so the variants run interleaved (``--rounds`` passes, the order rotated each
 pass) and the table shows each variant's median output tokens/s and TPOT p50, and its ratio to
 the bf16 baseline of the same level.
 
     .venv/bin/python benchmarks/quant_speed.py                      # C=1 (8 requests), C=32 (64)
     .venv/bin/python benchmarks/quant_speed.py --concurrency 1 --rounds 3 --variants bf16,int4
+    .venv/bin/python benchmarks/quant_speed.py --concurrency 1 --requests-c1 3 --input-len 1536 \
+        --variants bf16,int4-a8 --kv-cache-dtypes float32,bfloat16     # the KV cache's dtype
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from _common import DEFAULT_MODEL, REPO, ensure_model
@@ -42,6 +47,7 @@ class Variant:
     model: str
     quantization: str | None = None
     activations: str | None = None  # --quantized-activations
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype
 
 
 def default_gguf() -> str | None:
@@ -66,6 +72,7 @@ def run_once(variant: Variant, concurrency: int, ns: argparse.Namespace) -> tupl
             command += ["--quantization", variant.quantization]
         if variant.activations:
             command += ["--quantized-activations", variant.activations]
+        command += ["--kv-cache-dtype", variant.kv_cache_dtype]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         level = json.loads(out.read_text())["levels"][0]
         return level["output_tok_s"], level["tpot_ms"]["p50"]
@@ -83,6 +90,11 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--kv-cache-dtypes",
+        default="auto",
+        help="comma-separated --kv-cache-dtype values to run each variant with",
+    )
     ns = parser.parse_args()
     model = str(ensure_model(ns.model, "smollm2-135m"))
     known = {
@@ -95,11 +107,15 @@ def main() -> None:
     if gguf := default_gguf():
         known["gguf-q4_1"] = Variant("gguf-q4_1", gguf)
         known["gguf-q4_1-a8"] = Variant("gguf-q4_1-a8", gguf, None, "int8")
+    kv_dtypes = [d for d in ns.kv_cache_dtypes.split(",") if d]
     variants = []
     for name in ns.variants.split(","):
         if name not in known:
             sys.exit(f"unknown or unavailable variant {name!r}; available: {', '.join(known)}")
-        variants.append(known[name])
+        for kv_dtype in kv_dtypes:
+            label = name if kv_dtypes == ["auto"] else f"{name}/kv-{kv_dtype}"
+            variants.append(replace(known[name], name=label, kv_cache_dtype=kv_dtype))
+    baseline = "bf16" if kv_dtypes == ["auto"] else f"bf16/kv-{kv_dtypes[0]}"
     print(this_cpu(None).line(), flush=True)
     print(f"{ns.input_len} in / {ns.output_len} out, {ns.rounds} interleaved rounds, medians", flush=True)
     print("| concurrency | weights | out tok/s | TPOT p50 ms | vs bf16 |\n|---|---|---|---|---|", flush=True)
@@ -112,7 +128,7 @@ def main() -> None:
             name: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
             for name, runs in samples.items()
         }
-        base = medians.get("bf16", (float("nan"), 0.0))[0]
+        base = medians.get(baseline, (float("nan"), 0.0))[0]
         for name, (tok_s, tpot) in medians.items():
             print(f"| {concurrency} | {name} | {tok_s:.1f} | {tpot:.1f} | {tok_s / base:.2f} |", flush=True)
 

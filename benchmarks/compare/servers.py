@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SERVED_NAME = "bench"
 QUIRE_LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
-# What quire prints once at start-up about its dtype choice and kernel tier (quire/worker/worker.py,
+# What quire prints once at start-up about its dtype choice, KV cache and kernel tier (quire/worker/worker.py,
 # quire/kernels/cpu_ops.py); kept in results.json beside the numbers they explain.
 QUIRE_STARTUP_LINES = {
     "dtype": re.compile(r"^quire: dtype: (.+)$", re.MULTILINE),
     "cpu_kernels": re.compile(r"^quire: CPU kernels: (.+)$", re.MULTILINE),
+    "kv_cache": re.compile(r"^quire: KV cache: (.+)$", re.MULTILINE),
 }
 
 
@@ -68,7 +69,7 @@ def free_port() -> int:
 
 
 def quire_startup_facts(log_text: str) -> dict[str, str]:
-    """The dtype choice and kernel tier a quire server printed at start-up (those it printed)."""
+    """The dtype choice, KV cache and kernel tier a quire server printed at start-up (those it printed)."""
     facts = {}
     for name, pattern in QUIRE_STARTUP_LINES.items():
         match = pattern.search(log_text)
