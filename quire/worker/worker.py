@@ -29,7 +29,11 @@ class Worker:
     vocab_size: int
     dtype: torch.dtype
     device: torch.device
-    kv_cache_dtype: torch.dtype
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores (``--kv-cache-dtype``), as allocated."""
+        return self.runner.kv_caches[0][0].dtype
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -105,4 +109,4 @@ def build_worker(
     if device.type == "cpu":
         release_free_heap()  # the loader's temporaries; see quire.worker.host_memory
     runner = ModelRunner(model, kv_caches, block_size, arch.vocab_size, device, structured=structured)
-    return Worker(runner, arch, num_blocks, max_model_len, arch.vocab_size, dtype, device, kv_dtype)
+    return Worker(runner, arch, num_blocks, max_model_len, arch.vocab_size, dtype, device)

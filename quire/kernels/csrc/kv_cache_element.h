@@ -9,6 +9,9 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "simd_math.h"
 
 namespace quire_kv {

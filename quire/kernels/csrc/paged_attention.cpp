@@ -188,14 +188,14 @@ inline void accumulate_values(const T* values, int64_t token_stride, const float
   }
 }
 
-// Both caches on the CPU, contiguous, and of one element type (float32 or bfloat16).
+// Both caches on the CPU, contiguous, and of one element type that the kernels read (the list is
+// quire_kv::with_cache_element's, whose refusal names the dtype), checked before anything else.
 void check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const char* kernel) {
   for (const torch::Tensor* t : {&k_cache, &v_cache}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() &&
-                    (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16),
-                kernel, ": the caches must be contiguous float32 or bfloat16 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), kernel, ": the caches must be contiguous CPU tensors");
   }
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), kernel, ": the K and V caches' dtypes differ");
+  quire_kv::with_cache_element(k_cache, [](auto) {});
 }
 
 void check_inputs(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
