@@ -784,17 +784,27 @@ def test_kv_cache_allocation_and_size(tiny_model_dir: Callable[[str], Path]) -> 
         allocate_kv_caches(config, 0, 8, torch.float32, "cpu")
 
 
-def _anon_huge_kib() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+def _anon_huge_kib_in(tensor: torch.Tensor) -> int:
+    """AnonHugePages of this process's mappings that overlap ``tensor``'s memory (madvise splits
+    the allocation's mapping at the huge-page bounds), not the whole process's total, which
+    moves whenever an earlier test's huge-page tensors are freed."""
+    first = tensor.data_ptr()
+    last = first + tensor.untyped_storage().nbytes()
+    total, overlaps = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:  # a mapping's header line: start-end perms ...
+            start, end = (int(bound, 16) for bound in head.split("-"))
+            overlaps = start < last and first < end
+        elif overlaps and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1])
+    return total
 
 
 @pytest.mark.skipif(
     not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
     or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    or not Path("/proc/self/smaps_rollup").exists(),
+    or not Path("/proc/self/smaps").exists(),
     reason="no transparent huge pages here",
 )
 def test_kv_cache_asks_for_huge_pages(tiny_model_dir: Callable[[str], Path]) -> None:
@@ -803,10 +813,10 @@ def test_kv_cache_asks_for_huge_pages(tiny_model_dir: Callable[[str], Path]) -> 
     huge pages only to memory that asks)."""
     config = ModelArchConfig.from_dir(tiny_model_dir("qwen3"))
     per_block = kv_cache_bytes_per_block(config, 16, torch.float32)
-    before = _anon_huge_kib()
     caches = allocate_kv_caches(config, (64 << 20) // per_block, 16, torch.float32, "cpu")
     assert not caches[0][0].any() and not caches[-1][1].any()
-    assert _anon_huge_kib() - before >= 8 << 10  # at least 8 MiB of the 64 MiB pool on huge pages
+    # At least 8 MiB of the 64 MiB pool on huge pages.
+    assert _anon_huge_kib_in(caches[0][0]) >= 8 << 10
     assert not advise_huge_pages(torch.zeros(1024))  # smaller than one huge page: nothing to advise
 
 
