@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quire.sampling import SamplingParams
-from quire.worker.sampler import Sampler, SamplingState, make_generator
+from quire.worker.sampler import Sampler, SamplingState, argmax_rows, make_generator
 
 CPU = torch.device("cpu")
 
@@ -57,6 +57,25 @@ def test_all_greedy_is_argmax() -> None:
     out = Sampler(100, CPU)(logits, [state(SamplingParams(temperature=0.0)) for _ in range(16)])
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs == [None] * 16
+
+
+def test_argmax_rows_matches_torch_argmax_on_ties_nan_and_infinities() -> None:
+    # argmax_rows takes numpy's argmax on CPU float32; torch's definition must hold exactly:
+    # the first index of the maximum, a NaN above every number, all -inf rows giving index 0.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-3, 4, (12, 50), generator=g).float()  # many ties
+    logits[1, [7, 20]] = math.nan
+    logits[2] = -math.inf
+    logits[3, [5, 9]] = math.inf
+    logits[4, 30] = math.inf
+    logits[4, 31] = math.nan
+    logits[5] = math.nan
+    for rows in (logits, logits[:, :40], logits[::2], logits.t().contiguous().t()):
+        got = argmax_rows(rows)
+        assert got.dtype == torch.int64
+        assert got.tolist() == rows.argmax(dim=-1).tolist()
+    for other in (logits.to(torch.bfloat16), logits.double(), logits[:0]):
+        assert argmax_rows(other).tolist() == other.argmax(dim=-1).tolist()  # torch's own path
 
 
 def test_padding_columns_are_never_sampled() -> None:
