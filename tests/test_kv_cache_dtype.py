@@ -229,6 +229,8 @@ def test_greedy_generation_with_bf16_cache(tiny_llama_dir: Path, attention_path:
         )
         expected = torch.float32 if kv == "auto" else torch.bfloat16
         assert llm.engine.core.executor.kv_caches[0][0].dtype == expected
+        # What clients are told (quire serve's start-up line): the cache's dtype beside the compute one.
+        assert (llm.engine.info.kv_cache_dtype, llm.engine.info.dtype) == (str(expected)[6:], "float32")
         results[kv] = [r.outputs[0] for r in llm.generate(prompts, params)]
     for fp32, bf16 in zip(results["auto"], results["bfloat16"], strict=True):
         assert bf16.token_ids == fp32.token_ids

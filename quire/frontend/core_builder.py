@@ -32,8 +32,9 @@ class EngineInfo:
     vocab_size: int
     num_blocks: int
     block_size: int
-    dtype: str
+    dtype: str  # the compute dtype
     device: str
+    kv_cache_dtype: str  # what the KV cache stores (--kv-cache-dtype; the compute dtype by default)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -78,5 +79,6 @@ def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, En
         block_size=cache.block_size,
         dtype=str(worker.dtype).removeprefix("torch."),
         device=str(worker.device),
+        kv_cache_dtype=str(worker.kv_cache_dtype).removeprefix("torch."),
     )
     return core, info

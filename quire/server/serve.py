@@ -165,7 +165,8 @@ def serve(args: EngineArgs, settings: ServerSettings, log_level: str = "WARNING"
             f"quire: serving model '{names[0]}' from {Path(model_path)} at {server.address or settings.host}\n"
             f"quire: KV cache pool: {info.num_blocks} blocks x {info.block_size} tokens = "
             f"{info.kv_capacity_tokens} tokens; max_model_len {info.max_model_len}; "
-            f"{info.dtype} on {info.device}; max_num_seqs {args.max_num_seqs}\n"
+            f"{info.kv_cache_dtype} cache, {info.dtype} compute on {info.device}; "
+            f"max_num_seqs {args.max_num_seqs}\n"
             "quire: ready",
             flush=True,
         )
