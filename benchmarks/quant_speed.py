@@ -40,6 +40,8 @@ from _common import DEFAULT_MODEL, REPO, ensure_model
 sys.path.insert(0, str(REPO / "benchmarks"))
 from compare.machine import this_cpu  # noqa: E402
 
+from quire.config import canonical_kv_cache_dtype  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -107,7 +109,10 @@ def main() -> None:
     if gguf := default_gguf():
         known["gguf-q4_1"] = Variant("gguf-q4_1", gguf)
         known["gguf-q4_1-a8"] = Variant("gguf-q4_1-a8", gguf, None, "int8")
-    kv_dtypes = [d for d in ns.kv_cache_dtypes.split(",") if d]
+    try:  # refused here, with the valid values, rather than by each variant's subprocess
+        kv_dtypes = [canonical_kv_cache_dtype(d) for d in ns.kv_cache_dtypes.split(",") if d]
+    except ValueError as exc:
+        sys.exit(f"--kv-cache-dtypes: {exc}")
     variants = []
     for name in ns.variants.split(","):
         if name not in known:

@@ -58,8 +58,10 @@ def check_tokenizer_fits_model(model_path: str) -> tuple[Tokenizer, int]:
 
 
 def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, EngineInfo]:
+    # Imported here, not at module level: the worker and the dtype policy pull in torch.
+    from quire.models.dtype_policy import dtype_name
     from quire.structured.manager import StructuredOutputManager
-    from quire.worker.worker import build_worker  # torch lives below this line
+    from quire.worker.worker import build_worker
 
     tokenizer, vocab_size = check_tokenizer_fits_model(model_path)
     cache = args.cache_config()
@@ -77,8 +79,8 @@ def build_engine_core(args: EngineArgs, model_path: str) -> tuple[EngineCore, En
         vocab_size=worker.vocab_size,
         num_blocks=worker.num_blocks,
         block_size=cache.block_size,
-        dtype=str(worker.dtype).removeprefix("torch."),
+        dtype=dtype_name(worker.dtype),
         device=str(worker.device),
-        kv_cache_dtype=str(worker.kv_cache_dtype).removeprefix("torch."),
+        kv_cache_dtype=dtype_name(worker.kv_cache_dtype),
     )
     return core, info
