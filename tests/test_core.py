@@ -59,6 +59,7 @@ def assert_all_free(kv: KVCacheManager):
     kv.pool.check_invariants()
     assert kv.num_free_blocks == kv.pool.num_blocks
     assert kv.num_live_requests() == 0
+    assert kv.num_blocks_in_flight == 0
 
 
 # --------------------------------------------------------------------------- block pool
@@ -152,6 +153,84 @@ def test_cache_salt_isolates_prefixes():
         core.add_request(EngineCoreRequest(**{**req.__dict__, "cache_salt": salt}))
         run_to_completion(core)
     assert kv.stats.hits == 0
+
+
+def scheduled_ids(core) -> set[str]:
+    """Run one step; the ids of the requests it computed tokens for."""
+    plans = []
+    execute = core.executor.execute
+    core.executor.execute = lambda plan: plans.append(plan) or execute(plan)
+    try:
+        core.step()
+    finally:
+        del core.executor.execute
+    return {rid for plan in plans for rid in plan.num_scheduled_tokens}
+
+
+def test_burst_sharing_a_prompt_computes_it_once():
+    # Three requests with one 13-token prompt (3 full blocks) arrive together, beside an
+    # unrelated one: the first computes the prompt, the other two wait one step for its blocks
+    # instead of computing them too, and the unrelated request is not held up.
+    core, kv, _ = make_core(budget=64)
+    prompt = list(range(1, 14))
+    for rid in ("a", "b", "c"):
+        core.add_request(core_request(rid, prompt, max_tokens=2))
+    core.add_request(core_request("other", range(20, 33), max_tokens=2))
+    assert scheduled_ids(core) == {"a", "other"}
+    assert scheduled_ids(core) == {"a", "b", "c", "other"}
+    assert kv.stats.hits == 2 * 12  # b and c found all three full blocks
+    run_to_completion(core)
+    assert_all_free(kv)
+
+    # Without prefix caching nothing is shared, so nobody waits.
+    core, kv, _ = make_core(budget=64, caching=False)
+    for rid in ("a", "b"):
+        core.add_request(core_request(rid, prompt, max_tokens=2))
+    assert scheduled_ids(core) == {"a", "b"}
+    run_to_completion(core)
+    assert_all_free(kv)
+
+
+def test_burst_waits_for_the_last_chunk_of_a_shared_prompt():
+    # Budget 16, a 24-token prompt: "a" computes tokens 0-15, then 16-23 with 8 tokens of budget
+    # to spare. "b" (same prompt) could start in that second step with 4 cached blocks and compute
+    # block 4 again; it waits one step instead and reuses all five full blocks before its last token.
+    core, kv, _ = make_core(budget=16)
+    prompt = list(range(1, 25))
+    core.add_request(core_request("a", prompt, max_tokens=2))
+    core.add_request(core_request("b", prompt, max_tokens=2))
+    assert [scheduled_ids(core) for _ in range(3)] == [{"a"}, {"a"}, {"a", "b"}]
+    assert kv.stats.hits == 20
+    run_to_completion(core)
+    assert_all_free(kv)
+
+
+def test_request_waiting_on_a_shared_prompt_runs_when_its_owner_is_aborted():
+    # "x" takes 10 of the 16 tokens of budget, "a" starts its 24-token prompt with the other 6,
+    # and "b" (same prompt) waits for a's blocks. Aborting "a" must release the wait: b starts at
+    # the next step from the one block a had published.
+    core, kv, _ = make_core(budget=16)
+    prompt = list(range(1, 25))
+    core.add_request(core_request("x", range(30, 40), max_tokens=4))
+    core.add_request(core_request("a", prompt, max_tokens=2))
+    core.add_request(core_request("b", prompt, max_tokens=2))
+    assert scheduled_ids(core) == {"x", "a"}
+    core.abort("a")
+    assert scheduled_ids(core) == {"x", "b"}
+    assert kv.stats.hits == 4
+    run_to_completion(core)
+    assert_all_free(kv)
+
+
+def test_different_cache_salts_never_wait_for_each_other():
+    core, kv, _ = make_core(budget=64)
+    for rid, salt in (("a", b"tenant-1"), ("b", b"tenant-2")):
+        req = core_request(rid, range(1, 14), max_tokens=1)
+        core.add_request(EngineCoreRequest(**{**req.__dict__, "cache_salt": salt}))
+    assert scheduled_ids(core) == {"a", "b"}
+    run_to_completion(core)
+    assert kv.stats.hits == 0
+    assert_all_free(kv)
 
 
 # ------------------------------------------------------------------------- scheduling

@@ -41,6 +41,11 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # hashes of the request's full computed blocks
+        # Full blocks that running requests are computing and have not published yet: hash -> the
+        # request computing it (the first admitted), and each request's entries (see
+        # ``block_in_flight``).
+        self._in_flight: dict[bytes, str] = {}
+        self._in_flight_of: dict[str, list[bytes]] = {}
 
     @property
     def usage(self) -> float:
@@ -79,6 +84,41 @@ class KVCacheManager:
                 break
             hits.append(block)
         return hits
+
+    def block_in_flight(self, request: Request, cached_prefix: list[KVBlock]) -> bool:
+        """Whether the block right after ``cached_prefix`` (``find_cached_prefix``'s hits) is
+        being computed by another running request: admitted now, ``request`` would compute it
+        too; admitted once it is published, it finds it in the cache."""
+        index = len(cached_prefix)
+        if not self._in_flight or index >= (request.num_tokens - 1) // self.block_size:
+            return False
+        parent = cached_prefix[-1].block_hash if cached_prefix else _ROOT_HASH
+        assert parent is not None  # hits are registered blocks
+        tokens = request.all_token_ids[index * self.block_size : (index + 1) * self.block_size]
+        owner = self._in_flight.get(hash_block(parent, tokens, request.cache_salt))
+        return owner is not None and owner != request.request_id
+
+    def mark_in_flight(self, request: Request, cached_prefix: list[KVBlock]) -> None:
+        """Note the full blocks a just-admitted request will compute past its cached prefix, so
+        that ``block_in_flight`` holds back later requests sharing them until they are published
+        (``cache_full_blocks``) or the request lets go of them (``free``)."""
+        if not self.enable_caching:
+            return
+        parent = cached_prefix[-1].block_hash if cached_prefix else _ROOT_HASH
+        assert parent is not None
+        tokens = request.all_token_ids
+        mine = self._in_flight_of.setdefault(request.request_id, [])
+        for i in range(len(cached_prefix), request.num_tokens // self.block_size):
+            parent = hash_block(
+                parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt
+            )
+            if parent not in self._in_flight:  # another request already computing it keeps it
+                self._in_flight[parent] = request.request_id
+                mine.append(parent)
+
+    def _publish(self, request_id: str, block_hash: bytes) -> None:
+        if self._in_flight.get(block_hash) == request_id:
+            del self._in_flight[block_hash]
 
     def record_prefix_lookup(self, request: Request, cached_prefix: list[KVBlock]) -> None:
         """Count one admission's lookup in the hit-rate statistics.
@@ -136,6 +176,7 @@ class KVCacheManager:
             )
             hashes.append(parent)
             self.pool.register(blocks[i], parent)
+            self._publish(request.request_id, parent)
 
     def fork(self, parent: Request, child: Request) -> int:
         """Let ``child`` share the parent's computed prompt blocks (for ``n > 1``).
@@ -157,8 +198,15 @@ class KVCacheManager:
         queued for eviction first."""
         blocks = self._blocks.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
+        for block_hash in self._in_flight_of.pop(request.request_id, ()):
+            self._publish(request.request_id, block_hash)
         if blocks:
             self.pool.release(reversed(blocks))
 
     def num_live_requests(self) -> int:
         return len(self._blocks)
+
+    @property
+    def num_blocks_in_flight(self) -> int:
+        """Blocks being computed by running requests and not yet published."""
+        return len(self._in_flight)

@@ -5,6 +5,8 @@ in priority order, and each is guaranteed at least one token of budget so that a
 being prefilled in chunks never stalls the decodes behind it. Waiting requests are admitted
 with what is left. When the pool runs out of blocks the lowest-priority, newest running request
 is preempted: its blocks are freed and it is recomputed later (its prefix may still be cached).
+A waiting request whose next prompt block another running request is computing right now (a
+burst sharing a system prompt) waits for that block to be published and reuses it.
 """
 
 from __future__ import annotations
@@ -186,12 +188,20 @@ class Scheduler:
         new_reqs: list[NewRequestData],
         cached_reqs: list[CachedRequestData],
     ) -> int:
+        held_back: list[tuple[tuple[int, int], int, Request]] = []
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._peek_waiting()
             if request is None:
                 break
             fresh = request.num_computed_tokens == 0 and self.kv.num_blocks_of(request.request_id) == 0
             prefix = self.kv.find_cached_prefix(request) if fresh else []
+            if fresh and self.kv.block_in_flight(request, prefix):
+                # A running request is computing this prompt's next blocks (a burst of requests
+                # sharing a system prompt): wait until they are published instead of computing
+                # them twice. The owner's prefill proceeds every step, and freeing it (finish,
+                # abort, preemption) releases the wait.
+                held_back.append(heapq.heappop(self._waiting))
+                continue
             computed = request.num_computed_tokens + len(prefix) * self.kv.block_size
             want = request.num_tokens - computed
             if want > budget:
@@ -205,6 +215,7 @@ class Scheduler:
             self._num_waiting -= 1
             if fresh:
                 self.kv.record_prefix_lookup(request, prefix)
+                self.kv.mark_in_flight(request, prefix)
             request.num_computed_tokens = computed
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = computed
@@ -214,6 +225,8 @@ class Scheduler:
             num_tokens[request.request_id] = want
             budget -= want
             self._emit(request, new_block_ids, new_reqs, cached_reqs)
+        for entry in held_back:  # back in the queue at their places
+            heapq.heappush(self._waiting, entry)
         return budget
 
     def _preempt_for_higher_priority(self) -> None:
