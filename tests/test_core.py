@@ -168,15 +168,16 @@ def scheduled_ids(core) -> set[str]:
 
 
 def test_burst_sharing_a_prompt_computes_it_once():
-    # Three requests with one 13-token prompt (3 full blocks) arrive together, beside an
-    # unrelated one: the first computes the prompt, the other two wait one step for its blocks
-    # instead of computing them too, and the unrelated request is not held up.
+    # Three requests with one 13-token prompt (3 full blocks) arrive together, then an unrelated
+    # one: the first computes the prompt, the other two wait one step for its blocks instead of
+    # computing them too, and the request queued behind them waits with them (first come, first
+    # served: it must not take their seats).
     core, kv, _ = make_core(budget=64)
     prompt = list(range(1, 14))
     for rid in ("a", "b", "c"):
         core.add_request(core_request(rid, prompt, max_tokens=2))
     core.add_request(core_request("other", range(20, 33), max_tokens=2))
-    assert scheduled_ids(core) == {"a", "other"}
+    assert scheduled_ids(core) == {"a"}
     assert scheduled_ids(core) == {"a", "b", "c", "other"}
     assert kv.stats.hits == 2 * 12  # b and c found all three full blocks
     run_to_completion(core)
@@ -200,6 +201,20 @@ def test_burst_waits_for_the_last_chunk_of_a_shared_prompt():
     core.add_request(core_request("a", prompt, max_tokens=2))
     core.add_request(core_request("b", prompt, max_tokens=2))
     assert [scheduled_ids(core) for _ in range(3)] == [{"a"}, {"a"}, {"a", "b"}]
+    assert kv.stats.hits == 20
+    run_to_completion(core)
+    assert_all_free(kv)
+
+
+def test_request_waiting_on_a_shared_prompt_keeps_its_place_in_the_queue():
+    # Two seats. "a" runs a long request; "w" (a's prompt) waits a step for a's blocks; "v",
+    # queued after w, must not take the last seat meanwhile (it would hold it for 40 steps).
+    core, kv, _ = make_core(max_num_seqs=2, budget=16)
+    prompt = list(range(1, 25))
+    core.add_request(core_request("a", prompt, max_tokens=40))
+    core.add_request(core_request("w", prompt, max_tokens=2))
+    core.add_request(core_request("v", range(30, 40), max_tokens=40))
+    assert [scheduled_ids(core) for _ in range(3)] == [{"a"}, {"a"}, {"a", "w"}]
     assert kv.stats.hits == 20
     run_to_completion(core)
     assert_all_free(kv)

@@ -6,7 +6,8 @@ being prefilled in chunks never stalls the decodes behind it. Waiting requests a
 with what is left. When the pool runs out of blocks the lowest-priority, newest running request
 is preempted: its blocks are freed and it is recomputed later (its prefix may still be cached).
 A waiting request whose next prompt block another running request is computing right now (a
-burst sharing a system prompt) waits for that block to be published and reuses it.
+burst sharing a system prompt) waits for the end of the step, when that block is published, and
+reuses it; the requests queued behind it wait with it.
 """
 
 from __future__ import annotations
@@ -188,7 +189,6 @@ class Scheduler:
         new_reqs: list[NewRequestData],
         cached_reqs: list[CachedRequestData],
     ) -> int:
-        held_back: list[tuple[tuple[int, int], int, Request]] = []
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._peek_waiting()
             if request is None:
@@ -198,10 +198,12 @@ class Scheduler:
             if fresh and self.kv.block_in_flight(request, prefix):
                 # A running request is computing this prompt's next blocks (a burst of requests
                 # sharing a system prompt): wait until they are published instead of computing
-                # them twice. The owner's prefill proceeds every step, and freeing it (finish,
-                # abort, preemption) releases the wait.
-                held_back.append(heapq.heappop(self._waiting))
-                continue
+                # them twice. They are published at the end of this step: budget is left, so
+                # every running or just-admitted request got all the tokens it asked for (a
+                # chunk cut short by the budget leaves none). Freeing the owner also ends the
+                # wait. The queue behind waits too, so that nobody takes the seat or the blocks
+                # of a request that came first.
+                break
             computed = request.num_computed_tokens + len(prefix) * self.kv.block_size
             want = request.num_tokens - computed
             if want > budget:
@@ -225,8 +227,6 @@ class Scheduler:
             num_tokens[request.request_id] = want
             budget -= want
             self._emit(request, new_block_ids, new_reqs, cached_reqs)
-        for entry in held_back:  # back in the queue at their places
-            heapq.heappush(self._waiting, entry)
         return budget
 
     def _preempt_for_higher_priority(self) -> None:
