@@ -40,12 +40,10 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVBlock]] = {}
-        self._hashes: dict[str, list[bytes]] = {}  # hashes of the request's full computed blocks
+        self._num_published: dict[str, int] = {}  # the request's leading blocks in the cache's map
         # Full blocks that running requests are computing and have not published yet: hash -> the
-        # request computing it (the first admitted), and each request's entries (see
-        # ``block_in_flight``).
+        # request computing it (the first admitted; see ``block_in_flight``).
         self._in_flight: dict[bytes, str] = {}
-        self._in_flight_of: dict[str, list[bytes]] = {}
 
     @property
     def usage(self) -> float:
@@ -64,6 +62,18 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _block_hash(self, request: Request, index: int) -> bytes:
+        """The chained hash of the request's full block ``index``, computed once per request
+        (``Request.block_hashes``, extended in order as far as asked)."""
+        chain = request.block_hashes
+        tokens = request.all_token_ids
+        while len(chain) <= index:
+            i = len(chain)
+            parent = chain[-1] if chain else _ROOT_HASH
+            block_tokens = tokens[i * self.block_size : (i + 1) * self.block_size]
+            chain.append(hash_block(parent, block_tokens, request.cache_salt))
+        return chain[index]
+
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """The longest run of cached blocks matching the request's leading tokens.
 
@@ -71,15 +81,9 @@ class KVCacheManager:
         """
         if not self.enable_caching:
             return []
-        max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
-        parent = _ROOT_HASH
-        tokens = request.all_token_ids
-        for i in range(max_blocks):
-            parent = hash_block(
-                parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt
-            )
-            block = self.pool.lookup(parent)
+        for i in range((request.num_tokens - 1) // self.block_size):
+            block = self.pool.lookup(self._block_hash(request, i))
             if block is None:
                 break
             hits.append(block)
@@ -92,10 +96,7 @@ class KVCacheManager:
         index = len(cached_prefix)
         if not self._in_flight or index >= (request.num_tokens - 1) // self.block_size:
             return False
-        parent = cached_prefix[-1].block_hash if cached_prefix else _ROOT_HASH
-        assert parent is not None  # hits are registered blocks
-        tokens = request.all_token_ids[index * self.block_size : (index + 1) * self.block_size]
-        owner = self._in_flight.get(hash_block(parent, tokens, request.cache_salt))
+        owner = self._in_flight.get(self._block_hash(request, index))
         return owner is not None and owner != request.request_id
 
     def mark_in_flight(self, request: Request, cached_prefix: list[KVBlock]) -> None:
@@ -104,17 +105,9 @@ class KVCacheManager:
         (``cache_full_blocks``) or the request lets go of them (``free``)."""
         if not self.enable_caching:
             return
-        parent = cached_prefix[-1].block_hash if cached_prefix else _ROOT_HASH
-        assert parent is not None
-        tokens = request.all_token_ids
-        mine = self._in_flight_of.setdefault(request.request_id, [])
         for i in range(len(cached_prefix), request.num_tokens // self.block_size):
-            parent = hash_block(
-                parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt
-            )
-            if parent not in self._in_flight:  # another request already computing it keeps it
-                self._in_flight[parent] = request.request_id
-                mine.append(parent)
+            # A block another request is already computing stays that request's.
+            self._in_flight.setdefault(self._block_hash(request, i), request.request_id)
 
     def _publish(self, request_id: str, block_hash: bytes) -> None:
         if self._in_flight.get(block_hash) == request_id:
@@ -151,9 +144,8 @@ class KVCacheManager:
                 del self._blocks[request.request_id]
             return None
         self.pool.acquire(cached_prefix)
-        if cached_prefix:
-            # Adopted blocks are already hashed: remember their hashes so caching resumes after them.
-            self._hashes[request.request_id] = [b.block_hash for b in cached_prefix]  # type: ignore[misc]
+        if cached_prefix:  # adopted blocks are in the cache's map already: publishing resumes after them
+            self._num_published[request.request_id] = len(cached_prefix)
         new_blocks = self.pool.allocate(needed)
         owned.extend(cached_prefix)
         owned.extend(new_blocks)
@@ -166,17 +158,13 @@ class KVCacheManager:
         blocks = self._blocks.get(request.request_id)
         if not blocks:
             return
-        hashes = self._hashes.setdefault(request.request_id, [])
+        published = self._num_published.get(request.request_id, 0)
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        parent = hashes[-1] if hashes else _ROOT_HASH
-        tokens = request.all_token_ids
-        for i in range(len(hashes), num_full):
-            parent = hash_block(
-                parent, tokens[i * self.block_size : (i + 1) * self.block_size], request.cache_salt
-            )
-            hashes.append(parent)
-            self.pool.register(blocks[i], parent)
-            self._publish(request.request_id, parent)
+        for i in range(published, num_full):
+            block_hash = self._block_hash(request, i)
+            self.pool.register(blocks[i], block_hash)
+            self._publish(request.request_id, block_hash)
+        self._num_published[request.request_id] = max(published, num_full)
 
     def fork(self, parent: Request, child: Request) -> int:
         """Let ``child`` share the parent's computed prompt blocks (for ``n > 1``).
@@ -189,17 +177,19 @@ class KVCacheManager:
         shared = self._blocks.get(parent.request_id, [])[: max(num_shared, 0)]
         self.pool.acquire(shared)
         self._blocks[child.request_id] = list(shared)
-        if parent.request_id in self._hashes:
-            self._hashes[child.request_id] = self._hashes[parent.request_id][: len(shared)]
+        self._num_published[child.request_id] = min(
+            self._num_published.get(parent.request_id, 0), len(shared)
+        )
         return len(shared) * self.block_size
 
     def free(self, request: Request) -> None:
         """Return the request's blocks to the pool; tail blocks (least likely to be shared) are
         queued for eviction first."""
         blocks = self._blocks.pop(request.request_id, None)
-        self._hashes.pop(request.request_id, None)
-        for block_hash in self._in_flight_of.pop(request.request_id, ()):
-            self._publish(request.request_id, block_hash)
+        self._num_published.pop(request.request_id, None)
+        if self._in_flight:  # the request's own entries are among its block hashes
+            for block_hash in request.block_hashes:
+                self._publish(request.request_id, block_hash)
         if blocks:
             self.pool.release(reversed(blocks))
 

@@ -90,6 +90,7 @@ class Request:
         "cache_salt",
         "num_prompt_tokens",
         "all_token_ids",
+        "block_hashes",
         "num_computed_tokens",
         "num_cached_tokens",
         "max_tokens",
@@ -115,6 +116,9 @@ class Request:
         self.cache_salt = core_request.cache_salt
         self.num_prompt_tokens = len(core_request.prompt_token_ids)
         self.all_token_ids = list(core_request.prompt_token_ids)
+        # Prefix-cache hashes of the leading full blocks, filled on demand by the KV manager: a
+        # block's tokens never change, so each is hashed once however often it is looked up.
+        self.block_hashes: list[bytes] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first schedule; -1 until then
         room = max_model_len - self.num_prompt_tokens
